@@ -1,0 +1,23 @@
+"""qpass: a quantization compiler from float PyTorch/ONNX models to quantized ONNX."""
+
+from qpass.calibration import CalibrationData, Context
+from qpass.capture import capture
+from qpass.compile import CompiledModel, compile
+from qpass.errors import CalibrationError, ModelError, OutputError, QpassError
+from qpass.presets import PRESETS
+from qpass.schemes import QuantScheme
+
+__all__ = [
+    "PRESETS",
+    "CalibrationData",
+    "CalibrationError",
+    "CompiledModel",
+    "Context",
+    "ModelError",
+    "OutputError",
+    "QpassError",
+    "QuantScheme",
+    "capture",
+    "compile",
+]
+__version__ = "0.1.0"

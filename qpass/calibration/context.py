@@ -1,0 +1,71 @@
+"""The calibration context: runs the current graph on the calibration set and streams statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from qpass.calibration.data import CalibrationData, CalibrationSource
+from qpass.runtime import onnxruntime as ort_runtime
+
+logger = logging.getLogger(__name__)
+
+
+class Context:
+    """Calibration data plus the machinery to observe any tensor of the current graph.
+
+    `observe` adds the requested values as extra graph outputs of a copy of the model, runs it batch
+    by batch in ONNX Runtime and feeds each batch to one observer per value, so memory is bounded by
+    one batch of activations and the observers' running statistics.
+    """
+
+    def __init__(self, data: CalibrationSource | CalibrationData, graph: ir.Graph | None = None,
+                 batch_size: int = 8, progress: bool = True):
+        if not isinstance(data, CalibrationData):
+            if graph is None:
+                raise ValueError("Context needs the model graph to check raw calibration data")
+            data = CalibrationData(data, graph, batch_size=batch_size)
+        self.data = data
+        self.progress = progress
+
+    def observe(self, model: ir.Model, values: Iterable[str],
+                make_observer: Callable[[str], object], description: str = "calibrating") -> dict:
+        """Run the model on the calibration set; return {value name: observer fed every batch}."""
+        names = list(dict.fromkeys(values))
+        observers = {name: make_observer(name) for name in names}
+        for outputs in self.run(model, names, description):
+            for name, array in outputs.items():
+                observers[name].update(array)
+        return observers
+
+    def run(self, model: ir.Model, names: list[str], description: str = "running"):
+        """Yield {name: array} for each calibration batch, with `names` fetched from the graph."""
+        session = ort_runtime.session(with_outputs(model, names), optimize=False)
+        for feed in tqdm(self.data, desc=description, unit="batch", disable=not self.progress,
+                         leave=False):
+            arrays = session.run(names, feed)
+            yield dict(zip(names, arrays, strict=True))
+
+
+def with_outputs(model: ir.Model, names: list[str]) -> bytes:
+    """A serialized copy of `model` whose graph also outputs the values `names`."""
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.add().name = name
+    return proto.SerializeToString()
+
+
+def float_values(graph: ir.Graph) -> set[str]:
+    """Names of the float32 tensors the graph computes or receives (candidates to observe)."""
+    names = {v.name for v in graph.inputs if v.dtype == ir.DataType.FLOAT}
+    for node in graph:
+        names.update(o.name for o in node.outputs if o.dtype in (ir.DataType.FLOAT, None))
+    return names
+
+

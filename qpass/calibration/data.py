@@ -1,0 +1,130 @@
+"""Calibration data: read, check against the model's inputs, and cut into batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.errors import CalibrationError
+
+CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable
+
+
+class CalibrationData:
+    """Checked calibration samples for one model, served as batches of input feeds.
+
+    Accepts an `.npz` file (keys are input names, first axis is samples), a mapping of input name to
+    stacked samples, or an iterable whose items are input dicts or arrays (single-input models). An
+    item with the rank of the model input is a batch; one rank lower is a single sample.
+    """
+
+    def __init__(self, source: CalibrationSource, graph: ir.Graph, batch_size: int = 8):
+        self.inputs = {v.name: v for v in graph.inputs}
+        columns = _stack(self._read(source))
+        self.columns = {name: self._check(name, array) for name, array in columns.items()}
+        self.num_samples = len(next(iter(self.columns.values())))
+        dynamic = all(_batch_dim_is_dynamic(v) for v in self.inputs.values())
+        self.batch_size = batch_size if dynamic else 1
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.num_samples, self.batch_size):
+            yield {k: v[start : start + self.batch_size] for k, v in self.columns.items()}
+
+    def _read(self, source: CalibrationSource) -> list[dict[str, np.ndarray]]:
+        if source is None:
+            raise CalibrationError(
+                "calibration data is required to set activation ranges: pass calibration=... "
+                "(an .npz file with one array per model input, or an iterable of input dicts)"
+            )
+        if isinstance(source, str | os.PathLike):
+            return [self._as_feed(self._read_npz(Path(source)))]
+        if isinstance(source, Mapping):
+            return [self._as_feed(source)]
+        return [self._as_feed(item) for item in source]
+
+    def _read_npz(self, path: Path) -> dict[str, np.ndarray]:
+        if not path.is_file():
+            raise CalibrationError(f"calibration file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except Exception as e:
+            raise CalibrationError(
+                f"calibration file {path} is not a readable .npz file ({e}); write it with "
+                "numpy.savez(path, **{input_name: samples})"
+            ) from e
+
+    def _as_feed(self, item) -> dict[str, np.ndarray]:
+        if isinstance(item, Mapping):
+            feed = {str(k): np.asarray(v) for k, v in item.items()}
+        elif len(self.inputs) == 1:
+            feed = {next(iter(self.inputs)): np.asarray(item)}
+        else:
+            raise CalibrationError(
+                f"the model has {len(self.inputs)} inputs {list(self.inputs)}: give each "
+                "calibration item as a dict of input name to array"
+            )
+        missing = set(self.inputs) - set(feed)
+        unknown = set(feed) - set(self.inputs)
+        if missing or unknown:
+            raise CalibrationError(
+                f"calibration input names {sorted(feed)} do not match the model inputs "
+                f"{sorted(self.inputs)} (missing: {sorted(missing)}, unknown: {sorted(unknown)})"
+            )
+        for name, array in feed.items():
+            if array.ndim == _rank(self.inputs[name]) - 1:
+                feed[name] = array[None]
+        return feed
+
+    def _check(self, name: str, array: np.ndarray) -> np.ndarray:
+        value = self.inputs[name]
+        expected = value.dtype.numpy() if value.dtype is not None else array.dtype
+        if array.dtype != expected:
+            if not (np.issubdtype(array.dtype, np.number) and np.can_cast(array, expected, "same_kind")):
+                raise CalibrationError(
+                    f"calibration input {name!r} has dtype {array.dtype}, the model expects {expected}"
+                )
+            array = array.astype(expected)
+        if value.shape is not None:
+            if array.ndim != len(value.shape):
+                raise CalibrationError(
+                    f"calibration input {name!r} has shape {array.shape}, the model expects "
+                    f"rank {len(value.shape)} ({value.shape}) with samples on the first axis"
+                )
+            for axis, dim in enumerate(value.shape):
+                if axis > 0 and isinstance(dim, int) and array.shape[axis] != dim:
+                    raise CalibrationError(
+                        f"calibration input {name!r} has shape {array.shape}, the model expects "
+                        f"{value.shape} (axis {axis} must be {dim})"
+                    )
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise CalibrationError(
+                f"calibration input {name!r} holds {bad} NaN or Inf values: clean the data first"
+            )
+        return array
+
+
+def _stack(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not feeds or not any(len(v) for f in feeds for v in f.values()):
+        raise CalibrationError("calibration data is empty: give at least one sample")
+    names = feeds[0].keys()
+    try:
+        return {n: np.concatenate([f[n] for f in feeds]) for n in names}
+    except ValueError as e:
+        raise CalibrationError(f"calibration samples differ in shape: {e}") from e
+
+
+def _rank(value: ir.Value) -> int:
+    return len(value.shape) if value.shape is not None else -1
+
+
+def _batch_dim_is_dynamic(value: ir.Value) -> bool:
+    return value.shape is not None and len(value.shape) > 0 and not isinstance(value.shape[0], int)

@@ -1,0 +1,169 @@
+"""Streaming range observers: running statistics and histograms, never the activations themselves.
+
+`MinMaxObserver` keeps running extrema (per tensor or per channel). `HistogramObserver` keeps a
+histogram whose range doubles when data falls outside it (bins are merged exactly, so no sample is
+re-read) and derives a range with one of four methods:
+
+- minmax: the exact extrema.
+- percentile: the given percentile of each tail.
+- entropy: the threshold minimizing the KL divergence between the |x| histogram and its 8-bit
+  quantized copy (the TensorRT calibration method, Migacz 2017, "8-bit Inference with TensorRT").
+- mse: the clipping range [lo, hi] minimizing the expected squared error of uniform 8-bit
+  quantization (clipping error of the tails plus step²/12 rounding noise inside), searched on a grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qpass.schemes import QuantScheme
+
+
+class MinMaxObserver:
+    """Running minimum and maximum, per tensor (axis=None) or along one channel axis."""
+
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        if self.axis is None:
+            low, high = np.min(x), np.max(x)
+        else:
+            reduce = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
+            low, high = np.min(x, axis=reduce), np.max(x, axis=reduce)
+        self.low = low if self.low is None else np.minimum(self.low, low)
+        self.high = high if self.high is None else np.maximum(self.high, high)
+
+    def range(self, scheme: QuantScheme | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.low is None:
+            raise ValueError("the observer saw no data")
+        return np.asarray(self.low, np.float64), np.asarray(self.high, np.float64)
+
+
+class HistogramObserver:
+    """A histogram over [-bound, bound] that grows by powers of two; all four range methods."""
+
+    def __init__(self, bins: int = 4096):
+        if bins & (bins - 1):
+            raise ValueError("bins must be a power of two (the range grows by exact bin merges)")
+        self.bins = bins
+        self.bound = 0.0
+        self.counts = np.zeros(bins, np.int64)
+        self.extrema = MinMaxObserver()
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32).ravel()
+        if x.size == 0:
+            return
+        self.extrema.update(x)
+        peak = float(max(-self.extrema.low, self.extrema.high))
+        if peak > self.bound:
+            self._grow(peak)
+        counts, _ = np.histogram(x, bins=self.bins, range=(-self.bound, self.bound))
+        self.counts += counts
+
+    def _grow(self, peak: float) -> None:
+        if self.bound == 0.0:
+            self.bound = peak if peak > 0 else 1e-12
+            return
+        factor = int(np.ceil(np.log2(peak / self.bound)))
+        if factor <= 0:
+            return
+        merged = np.zeros_like(self.counts)
+        if factor < int(np.log2(self.bins)):
+            offset = self.bins // 2 - self.bins // 2 ** (factor + 1)
+            np.add.at(merged, offset + (np.arange(self.bins) >> factor), self.counts)
+        else:  # everything seen so far falls into the two centre bins
+            merged[self.bins // 2 - 1] = self.counts[: self.bins // 2].sum()
+            merged[self.bins // 2] = self.counts[self.bins // 2 :].sum()
+        self.counts = merged
+        self.bound *= 2.0**factor
+
+    @property
+    def centers(self) -> np.ndarray:
+        edges = np.linspace(-self.bound, self.bound, self.bins + 1)
+        return (edges[:-1] + edges[1:]) / 2
+
+    def range(self, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+        low, high = self.extrema.range()
+        if high - low <= 0 or scheme.method == "minmax":
+            return low, high
+        if scheme.method == "percentile":
+            return self._percentile_range(scheme.percentile, low, high)
+        if scheme.method == "entropy":
+            levels = scheme.qmax - scheme.qmin + 1
+            threshold = self._entropy_threshold(levels // 2 if low < 0 else levels)
+            return np.maximum(low, -threshold), np.minimum(high, threshold)
+        return self._mse_range(scheme.qmax - scheme.qmin, low, high)
+
+    def _percentile_range(self, percentile: float, low, high):
+        cdf = np.cumsum(self.counts) / self.counts.sum()
+        tail = 1.0 - percentile / 100.0
+        edges = np.linspace(-self.bound, self.bound, self.bins + 1)
+        lo = edges[np.searchsorted(cdf, tail, side="right")]
+        hi = edges[np.searchsorted(cdf, 1.0 - tail, side="left") + 1]
+        return np.maximum(low, min(lo, 0.0)), np.minimum(high, max(hi, 0.0))
+
+    def _entropy_threshold(self, levels: int) -> float:
+        """KL-optimal threshold on the |x| histogram with `levels` steps (TensorRT's method)."""
+        half = self.bins // 2
+        hist = self.counts[half:] + self.counts[:half][::-1]
+        width = self.bound / half
+        best, best_kl = half, np.inf
+        nonzero_levels = levels
+        for stop in range(nonzero_levels, half + 1, max(1, half // 256)):
+            reference = hist[:stop].astype(np.float64)
+            reference[-1] += hist[stop:].sum()
+            chunks = np.array_split(hist[:stop].astype(np.float64), nonzero_levels)
+            candidate = np.concatenate(
+                [np.where(c > 0, c.sum() / max(np.count_nonzero(c), 1), 0.0) for c in chunks]
+            )
+            kl = _kl_divergence(reference, candidate)
+            if kl < best_kl:
+                best, best_kl = stop, kl
+        return best * width
+
+    def _mse_range(self, steps: int, low, high, grid: int = 64):
+        """Grid search of (lo, hi) minimizing clipping error + step²/12 rounding noise."""
+        c = self.centers
+        n = self.counts.astype(np.float64)
+        cum_n, cum_c, cum_c2 = (np.concatenate([[0.0], np.cumsum(v)]) for v in (n, n * c, n * c * c))
+        fractions = np.linspace(1.0 / grid, 1.0, grid)
+        los = (low * fractions)[:, None] if low < 0 else np.zeros((1, 1))
+        his = (high * fractions)[None, :] if high > 0 else np.zeros((1, 1))
+        edges = np.linspace(-self.bound, self.bound, self.bins + 1)
+        i_lo = np.searchsorted(edges, los, side="right") - 1
+        i_hi = np.searchsorted(edges, his, side="left")
+        below = cum_c2[i_lo] - 2 * los * cum_c[i_lo] + los**2 * cum_n[i_lo]
+        above = (
+            (cum_c2[-1] - cum_c2[i_hi])
+            - 2 * his * (cum_c[-1] - cum_c[i_hi])
+            + his**2 * (cum_n[-1] - cum_n[i_hi])
+        )
+        inside = (cum_n[i_hi] - cum_n[i_lo]) * ((his - los) / steps) ** 2 / 12.0
+        error = below + above + inside
+        i, j = np.unravel_index(np.argmin(error), error.shape)
+        return np.asarray(los[i, 0] if los.shape[0] > 1 else 0.0), np.asarray(
+            his[0, j] if his.shape[1] > 1 else 0.0
+        )
+
+
+def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum()
+    q_sum = q.sum()
+    if q_sum == 0:
+        return np.inf
+    q = q / q_sum
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        return np.inf
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def make_observer(scheme: QuantScheme):
+    """The cheapest observer that can answer `scheme`'s range method."""
+    return MinMaxObserver() if scheme.method == "minmax" else HistogramObserver()

@@ -1,0 +1,108 @@
+"""Capture: turn a PyTorch module or an ONNX model into the one IR, `onnx_ir.Model`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from qpass.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+"""Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) need opset 13."""
+
+
+def capture(model: Any, example_inputs: Any = None, *, input_names: list[str] | None = None,
+            dynamic_batch: bool = True) -> ir.Model:
+    """Return `model` as an `onnx_ir.Model` at opset >= 13.
+
+    Accepts an ONNX file path, an `onnx.ModelProto`, an `onnx_ir.Model` (used as is, not copied),
+    or a `torch.nn.Module` with `example_inputs` (a tensor or a tuple of tensors): it is captured
+    with torch.export and the dynamo ONNX exporter, with a dynamic batch dimension; if torch.export
+    cannot capture it, the TorchScript exporter is used with a warning.
+    """
+    if isinstance(model, ir.Model):
+        result = model
+    elif isinstance(model, onnx.ModelProto):
+        result = ir.from_proto(model)
+    elif isinstance(model, str | os.PathLike):
+        result = load_onnx(Path(model))
+    elif _is_torch_module(model):
+        result = _capture_torch(model, example_inputs, input_names, dynamic_batch)
+    else:
+        raise ModelError(
+            f"cannot capture a {type(model).__name__}: give an ONNX file path, an onnx.ModelProto, "
+            "an onnx_ir.Model or a torch.nn.Module with example_inputs"
+        )
+    if len(result.graph) == 0:
+        raise ModelError("the model's graph has no nodes")
+    _raise_opset(result, MIN_OPSET)
+    return result
+
+
+def load_onnx(path: Path) -> ir.Model:
+    """Read an ONNX file (external data beside it is read lazily) with a clear error."""
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        model = ir.load(os.fspath(path))
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+    if len(model.graph) == 0:
+        raise ModelError(f"{path} is not a usable ONNX model: its graph has no nodes")
+    return model
+
+
+def _raise_opset(model: ir.Model, version: int) -> None:
+    current = model.opset_imports.get("", None)
+    if current is None or current >= version:
+        return
+    from onnxscript import version_converter
+
+    logger.info("raising the model's opset from %d to %d", current, version)
+    version_converter.convert_version(model, target_version=version)
+
+
+def _is_torch_module(model: Any) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(model, torch.nn.Module)
+
+
+def _capture_torch(module, example_inputs, input_names, dynamic_batch) -> ir.Model:
+    import torch
+
+    if example_inputs is None:
+        raise ModelError("capturing a torch.nn.Module needs example_inputs (a tensor or a tuple)")
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    module = module.eval()
+    names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic = tuple({0: batch} for _ in args)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic,
+                                        input_names=names, verbose=False)
+        return program.model
+    except Exception as e:  # torch.export refuses some models; the TorchScript exporter may not
+        warnings.warn(
+            f"torch.export could not capture {type(module).__name__} ({type(e).__name__}: "
+            f"{str(e)[:200]}); falling back to the TorchScript ONNX exporter", stacklevel=3)
+    import io
+
+    buffer = io.BytesIO()
+    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    torch.onnx.export(module, args, buffer, dynamo=False, input_names=names, dynamic_axes=axes)
+    return ir.from_proto(onnx.load_from_string(buffer.getvalue()))

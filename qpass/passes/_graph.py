@@ -1,0 +1,53 @@
+"""Small graph helpers shared by the passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant array (initializer or Constant node), or None if it is computed."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as a new initializer named after `name` (made unique)."""
+    base, index = name, 0
+    while name in graph.initializers:
+        index += 1
+        name = f"{base}_{index}"
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def set_constant(graph: ir.Graph, value: ir.Value, array: np.ndarray) -> ir.Value:
+    """Replace a constant's content; a new initializer if others still use the old one."""
+    if value.is_initializer() and len(value.uses()) == 1 and not value.is_graph_input():
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return value
+    return initializer(graph, value.name or "constant", array)
+
+
+def sole_consumer(value: ir.Value) -> ir.Node | None:
+    """The only node reading `value`, or None if it has several readers or is a graph output."""
+    consumers = value.consumers()
+    if len(consumers) != 1 or value.is_graph_output() or len(value.uses()) != 1:
+        return None
+    return consumers[0]
+
+
+def attribute(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def is_op(node: ir.Node | None, *op_types: str) -> bool:
+    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in op_types

@@ -1,0 +1,243 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs with calibrated ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.calibration import Context, make_observer
+from qpass.errors import ModelError
+from qpass.passes._graph import attribute, constant, initializer, is_op, sole_consumer
+from qpass.schemes import ACTIVATION_UINT8, WEIGHT_INT8, QuantScheme
+
+logger = logging.getLogger(__name__)
+
+QUANTIZES = "qpass.quantizes"
+"""`metadata_props` key on each activation DequantizeLinear: the float tensor it stands for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpRule:
+    """Which inputs of an op are activations, weight and bias, and whether its output is quantized."""
+
+    activations: tuple[int, ...]
+    weight: int | None = None
+    bias: int | None = None
+    output: str = "always"  # "always", or "if-consumed" by another quantized op
+
+
+_RULES = {
+    "Conv": _OpRule((0,), weight=1, bias=2),
+    "ConvTranspose": _OpRule((0,), weight=1, bias=2),
+    "Gemm": _OpRule((0,), weight=1, bias=2, output="if-consumed"),
+    "MatMul": _OpRule((0,), weight=1, output="if-consumed"),
+    "Add": _OpRule((0, 1)),
+    "GlobalAveragePool": _OpRule((0,)),
+    "AveragePool": _OpRule((0,)),
+}
+QUANTIZABLE_OPS = tuple(_RULES)
+
+
+class InsertQDQ(ir.passes.InPlacePass):
+    """Quantize the inputs and outputs of every supported op with Q/DQ pairs (QDQ format).
+
+    Rewrite rules, for each op in QUANTIZABLE_OPS not excluded:
+
+    1. A constant weight (Conv/ConvTranspose/Gemm/MatMul input 1) becomes an integer initializer
+       read through DequantizeLinear, per output channel (Conv axis 0, ConvTranspose axis 1, Gemm
+       by transB, MatMul axis 1) or per tensor, with its own min-max range.
+    2. A constant 1-D bias becomes int32 with scale = activation scale x weight scale, zero point 0.
+    3. Each float activation input, and the output (looking through a sole Relu/Clip consumer, which
+       FuseRequant later removes), becomes x -> Q -> DQ -> consumers, one pair per tensor shared by
+       all readers, with scale and zero point from the activation scheme's calibrated range.
+    4. An op whose inputs cannot all be quantized (a computed weight of a Conv, a constant input of
+       an Add) is left in float and logged.
+
+    Ranges of all activations come from one streaming pass over the calibration data on the float
+    graph (Jacob et al. 2018, §3; Nagel et al. 2021, "A White Paper on Neural Network Quantization").
+    """
+
+    def __init__(self, context: Context | None = None, *, weights: QuantScheme = WEIGHT_INT8,
+                 activations: QuantScheme = ACTIVATION_UINT8, op_types=QUANTIZABLE_OPS,
+                 exclude: frozenset[str] = frozenset()):
+        super().__init__()
+        self.context = context
+        self.weights = weights
+        self.activations = activations
+        self.op_types = tuple(op_types)
+        self.exclude = frozenset(exclude)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.context is None:
+            raise ValueError("InsertQDQ needs a calibration Context (qpass.compile supplies one)")
+        graph = model.graph
+        nodes = [n for n in graph if self._is_quantizable(n)]
+        if not nodes:
+            raise ModelError(
+                f"the model has no quantizable op (looked for {', '.join(self.op_types)} with "
+                "constant weights); nothing to quantize"
+            )
+        tensors = self._activation_tensors(nodes)
+        params = self._calibrate(model, tensors)
+        for node in nodes:
+            self._quantize_weights(graph, node, params)
+        for name in tensors:
+            self._insert_pair(graph, self._values[name], *params[name])
+        logger.info("quantized %d ops and %d activation tensors", len(nodes), len(tensors))
+        return ir.passes.PassResult(model, modified=True)
+
+    def _is_quantizable(self, node: ir.Node) -> bool:
+        if not is_op(node, *self.op_types) or node.name in self.exclude:
+            return False
+        rule = _RULES[node.op_type]
+        float_inputs = [node.inputs[i] for i in rule.activations if i < len(node.inputs)]
+        if rule.weight is not None:
+            weight = node.inputs[rule.weight]
+            if constant(weight) is None and node.op_type not in ("MatMul", "Gemm"):
+                logger.warning("%s %s: weight is computed, left in float", node.op_type, node.name)
+                return False
+            if constant(weight) is None:
+                float_inputs.append(weight)
+        if any(constant(v) is not None for v in float_inputs):
+            logger.info("%s %s: constant operand, left in float", node.op_type, node.name)
+            return False
+        return all(v is not None and v.dtype == ir.DataType.FLOAT for v in float_inputs)
+
+    def _activation_tensors(self, nodes: list[ir.Node]) -> list[str]:
+        """Names of the activation tensors to quantize, in graph order."""
+        chosen: dict[str, ir.Value] = {}
+        for node in nodes:
+            rule = _RULES[node.op_type]
+            for i in rule.activations:
+                chosen[node.inputs[i].name] = node.inputs[i]
+            if rule.weight is not None and constant(node.inputs[rule.weight]) is None:
+                chosen[node.inputs[rule.weight].name] = node.inputs[rule.weight]
+        quantized_readers = set()
+        for node in nodes:
+            quantized_readers.add(id(node))
+        for node in nodes:
+            out = _through_activation(node.outputs[0])
+            feeds_quantized = any(id(c) in quantized_readers for c in out.consumers())
+            if _RULES[node.op_type].output == "always" or feeds_quantized:
+                chosen[out.name] = out
+        self._values = chosen
+        return list(chosen)
+
+    def _calibrate(self, model: ir.Model, names: list[str]) -> dict[str, tuple]:
+        observers = self.context.observe(
+            model, names, lambda _: make_observer(self.activations), "calibrating activations"
+        )
+        params = {}
+        for name, observer in observers.items():
+            low, high = observer.range(self.activations)
+            params[name] = self.activations.scale_zero_point(low, high)
+        return params
+
+    def _quantize_weights(self, graph: ir.Graph, node: ir.Node, params: dict) -> None:
+        rule = _RULES[node.op_type]
+        if rule.weight is None or constant(node.inputs[rule.weight]) is None:
+            return
+        weight = constant(node.inputs[rule.weight])
+        axis = _channel_axis(node, weight.ndim)
+        w_scale, w_zero = _weight_params(self.weights, weight, axis)
+        dq = _dequantize(graph, node.inputs[rule.weight].name, self.weights.quantize(
+            weight, _expand(w_scale, axis, weight.ndim), _expand(w_zero, axis, weight.ndim)),
+            w_scale, w_zero, axis if w_scale.ndim else None)
+        graph.insert_before(node, dq)
+        node.replace_input_with(rule.weight, dq.outputs[0])
+        bias = constant(node.inputs[rule.bias]) if rule.bias is not None and len(
+            node.inputs) > rule.bias else None
+        if bias is None or bias.ndim != 1 or not _is_plain_gemm(node):
+            return
+        x_scale = params[node.inputs[0].name][0]
+        b_scale = (x_scale * w_scale * np.ones_like(bias)).astype(np.float32)
+        q = np.clip(np.rint(bias / b_scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+        dq = _dequantize(graph, node.inputs[rule.bias].name, q, b_scale,
+                         np.zeros(q.shape, np.int32), 0)
+        graph.insert_before(node, dq)
+        node.replace_input_with(rule.bias, dq.outputs[0])
+
+    def _insert_pair(self, graph: ir.Graph, value: ir.Value, scale, zero_point) -> None:
+        name = value.name
+        scale_v = initializer(graph, f"{name}_scale", np.asarray(scale, np.float32))
+        zero_v = initializer(graph, f"{name}_zero_point", np.asarray(zero_point))
+        q = ir.node("QuantizeLinear", [value, scale_v, zero_v], name=f"{name}_QuantizeLinear")
+        q.outputs[0].name = f"{name}_quantized"
+        q.outputs[0].dtype = self.activations.ir_dtype
+        q.outputs[0].shape = value.shape
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale_v, zero_v],
+                     name=f"{name}_DequantizeLinear", metadata_props={QUANTIZES: name})
+        dq.outputs[0].name = f"{name}_dequantized"
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, value.shape
+        producer = value.producer()
+        if producer is None:
+            graph.insert_before(graph[0], [q, dq])
+        else:
+            graph.insert_after(producer, [q, dq])
+        for usage in list(value.uses()):
+            if usage.node is not q:
+                usage.node.replace_input_with(usage.idx, dq.outputs[0])
+        if value.is_graph_output():
+            index = next(i for i, o in enumerate(graph.outputs) if o is value)
+            graph.outputs[index] = dq.outputs[0]
+            value.name, dq.outputs[0].name = f"{name}_float", name
+
+
+def _through_activation(value: ir.Value) -> ir.Value:
+    """The output of a sole Relu or constant Clip consumer, else `value` itself."""
+    consumer = sole_consumer(value)
+    if is_op(consumer, "Relu") or (
+        is_op(consumer, "Clip") and all(constant(v) is not None for v in consumer.inputs[1:] if v)
+    ):
+        return consumer.outputs[0]
+    return value
+
+
+def _channel_axis(node: ir.Node, ndim: int) -> int:
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    if node.op_type == "MatMul":
+        return ndim - 1
+    return 0
+
+
+def _is_plain_gemm(node: ir.Node) -> bool:
+    """Bias quantization needs y = x*W + b exactly: no Gemm alpha/beta scaling."""
+    return node.op_type != "Gemm" or (
+        attribute(node, "alpha", 1.0) == 1.0 and attribute(node, "beta", 1.0) == 1.0
+    )
+
+
+def _weight_params(scheme: QuantScheme, weight: np.ndarray, axis: int):
+    if scheme.per_channel:
+        reduce = tuple(i for i in range(weight.ndim) if i != axis)
+        low, high = weight.min(axis=reduce), weight.max(axis=reduce)
+    else:
+        low, high = weight.min(), weight.max()
+    return scheme.scale_zero_point(low, high)
+
+
+def _expand(array: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    if array.ndim == 0:
+        return array
+    shape = [1] * ndim
+    shape[axis] = -1
+    return array.reshape(shape)
+
+
+def _dequantize(graph: ir.Graph, name: str, q: np.ndarray, scale: np.ndarray,
+                zero_point: np.ndarray, axis: int | None) -> ir.Node:
+    inputs = [initializer(graph, f"{name}_quantized", q),
+              initializer(graph, f"{name}_scale", np.asarray(scale, np.float32)),
+              initializer(graph, f"{name}_zero_point", np.asarray(zero_point))]
+    attributes = {"axis": axis} if axis is not None else {}
+    dq = ir.node("DequantizeLinear", inputs, attributes, name=f"{name}_DequantizeLinear")
+    dq.outputs[0].name = f"{name}_dequantized"
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape(q.shape)
+    return dq

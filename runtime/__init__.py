@@ -1,0 +1,1 @@
+"""Executors for compiled models, importable as `qpass.runtime`."""

@@ -1,0 +1,69 @@
+"""ONNX Runtime sessions with settings that give correct numbers, and a latency helper."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session(model: bytes | str | os.PathLike, *, threads: int | None = None, optimize: bool = True,
+            providers: list[str] | None = None) -> ort.InferenceSession:
+    """An InferenceSession for a serialized model or a model file.
+
+    - `session.qdq_matmulnbits_accuracy_level` is 0: ORT would otherwise turn DQ(int4)->MatMul into
+      MatMulNBits at accuracy level 4 (0.5% error in fp32, zeros in fp16).
+    - `threads` sets intra-op threads (default: ORT's choice, one per core); inter-op is 1.
+    - `optimize=False` keeps the graph as written (for observing intermediate tensors).
+    """
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    options.log_severity_level = 3
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def optimized_op_types(model: bytes | str | os.PathLike) -> dict[str, int]:
+    """Op types of the graph ORT actually runs after its fusions (e.g. QLinearConv), with counts."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        options.optimized_model_filepath = path
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = os.fspath(model) if isinstance(model, os.PathLike) else model
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        counts: dict[str, int] = {}
+        for node in onnx.load(path, load_external_data=False).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def latency(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray], *, warmup: int = 5,
+            repeat: int = 30) -> float:
+    """Median wall time of one `sess.run` in milliseconds."""
+    for _ in range(warmup):
+        sess.run(None, dict(feed))
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        sess.run(None, dict(feed))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
