@@ -19,8 +19,13 @@ MIN_OPSET = 13
 """Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) need opset 13."""
 
 
-def capture(model: Any, example_inputs: Any = None, *, input_names: list[str] | None = None,
-            dynamic_batch: bool = True) -> ir.Model:
+def capture(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    input_names: list[str] | None = None,
+    dynamic_batch: bool = True,
+) -> ir.Model:
     """Return `model` as an `onnx_ir.Model` at opset >= 13.
 
     Accepts an ONNX file path, an `onnx.ModelProto`, an `onnx_ir.Model` (used as is, not copied),
@@ -93,13 +98,16 @@ def _capture_torch(module, example_inputs, input_names, dynamic_batch) -> ir.Mod
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic,
-                                        input_names=names, verbose=False)
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dynamic, input_names=names, verbose=False
+            )
         return program.model
     except Exception as e:  # torch.export refuses some models; the TorchScript exporter may not
         warnings.warn(
             f"torch.export could not capture {type(module).__name__} ({type(e).__name__}: "
-            f"{str(e)[:200]}); falling back to the TorchScript ONNX exporter", stacklevel=3)
+            f"{str(e)[:200]}); falling back to the TorchScript ONNX exporter",
+            stacklevel=3,
+        )
     import io
 
     buffer = io.BytesIO()

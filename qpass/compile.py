@@ -58,10 +58,19 @@ class CompiledModel:
         return Report.measure(self.float_model, self.model, self.context)
 
 
-def compile(model: Any, passes: list[ir.passes.PassBase] | None = None, *, preset: str = "int8",
-            calibration: Any = None, example_inputs: Any = None, target: str = "onnxruntime",
-            calibrator: str | None = None, exclude: list[str] | tuple[str, ...] = (),
-            batch_size: int = 8, progress: bool = True) -> CompiledModel:
+def compile(
+    model: Any,
+    passes: list[ir.passes.PassBase] | None = None,
+    *,
+    preset: str = "int8",
+    calibration: Any = None,
+    example_inputs: Any = None,
+    target: str = "onnxruntime",
+    calibrator: str | None = None,
+    exclude: list[str] | tuple[str, ...] = (),
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CompiledModel:
     """Compile a float model into a quantized one.
 
     Args:
@@ -110,7 +119,9 @@ def write_atomically(path: Path, data: bytes) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror} (check the folder's permissions)") from e
+        raise OutputError(
+            f"cannot write {path}: {e.strerror} (check the folder's permissions)"
+        ) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

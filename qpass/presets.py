@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
 from qpass.passes import FoldBatchNorm, FuseRequant, InsertQDQ, LowerForOnnxRuntime
 from qpass.schemes import WEIGHT_INT8, QuantScheme
@@ -12,10 +14,21 @@ from qpass.schemes import WEIGHT_INT8, QuantScheme
 DEFAULT_CALIBRATOR = "mse"
 
 
-def int8(calibrator: str | None = None, exclude: frozenset[str] = frozenset()) -> list[ir.passes.PassBase]:
+def canonicalize() -> list[ir.passes.PassBase]:
+    """Fold constant subgraphs (CastLike'd Clip bounds, shape arithmetic) to expose patterns."""
+    return [
+        FoldConstantsPass(shape_inference=False, input_size_limit=1024, output_size_limit=1 << 20),
+        RemoveUnusedNodesPass(),
+    ]
+
+
+def int8(
+    calibrator: str | None = None, exclude: frozenset[str] = frozenset()
+) -> list[ir.passes.PassBase]:
     """INT8 for ONNX Runtime: S8 symmetric per-channel weights, U8 per-tensor activations."""
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
     return [
+        *canonicalize(),
         FoldBatchNorm(),
         InsertQDQ(weights=WEIGHT_INT8, activations=activations, exclude=exclude),
         FuseRequant(),

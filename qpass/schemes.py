@@ -37,7 +37,9 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         if self.dtype not in _INTEGER_TYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {list(_INTEGER_TYPES)}")
+            raise ValueError(
+                f"dtype {self.dtype!r} is not supported; use one of {list(_INTEGER_TYPES)}"
+            )
         if self.method not in RANGE_METHODS:
             raise ValueError(f"range method {self.method!r} is unknown; use one of {RANGE_METHODS}")
 
@@ -66,7 +68,9 @@ class QuantScheme:
             bound = np.maximum(-low, high)
             half = (self.qmax - self.qmin) / 2
             scale = bound / half
-            zero_point = np.full_like(scale, (self.qmax + self.qmin + 1) // 2 if self.qmin >= 0 else 0)
+            zero_point = np.full_like(
+                scale, (self.qmax + self.qmin + 1) // 2 if self.qmin >= 0 else 0
+            )
         else:
             scale = (high - low) / (self.qmax - self.qmin)
             safe = np.where(scale > 0, scale, 1.0)

@@ -11,8 +11,13 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(model: bytes | str | os.PathLike, *, threads: int | None = None, optimize: bool = True,
-            providers: list[str] | None = None) -> ort.InferenceSession:
+def session(
+    model: bytes | str | os.PathLike,
+    *,
+    threads: int | None = None,
+    optimize: bool = True,
+    providers: list[str] | None = None,
+) -> ort.InferenceSession:
     """An InferenceSession for a serialized model or a model file.
 
     - `session.qdq_matmulnbits_accuracy_level` is 0: ORT would otherwise turn DQ(int4)->MatMul into
@@ -27,7 +32,8 @@ def session(model: bytes | str | os.PathLike, *, threads: int | None = None, opt
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     if isinstance(model, os.PathLike):
@@ -56,8 +62,9 @@ def optimized_op_types(model: bytes | str | os.PathLike) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def latency(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray], *, warmup: int = 5,
-            repeat: int = 30) -> float:
+def latency(
+    sess: ort.InferenceSession, feed: Mapping[str, np.ndarray], *, warmup: int = 5, repeat: int = 30
+) -> float:
     """Median wall time of one `sess.run` in milliseconds."""
     for _ in range(warmup):
         sess.run(None, dict(feed))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
@@ -23,8 +22,13 @@ class Context:
     one batch of activations and the observers' running statistics.
     """
 
-    def __init__(self, data: CalibrationSource | CalibrationData, graph: ir.Graph | None = None,
-                 batch_size: int = 8, progress: bool = True):
+    def __init__(
+        self,
+        data: CalibrationSource | CalibrationData,
+        graph: ir.Graph | None = None,
+        batch_size: int = 8,
+        progress: bool = True,
+    ):
         if not isinstance(data, CalibrationData):
             if graph is None:
                 raise ValueError("Context needs the model graph to check raw calibration data")
@@ -32,8 +36,13 @@ class Context:
         self.data = data
         self.progress = progress
 
-    def observe(self, model: ir.Model, values: Iterable[str],
-                make_observer: Callable[[str], object], description: str = "calibrating") -> dict:
+    def observe(
+        self,
+        model: ir.Model,
+        values: Iterable[str],
+        make_observer: Callable[[str], object],
+        description: str = "calibrating",
+    ) -> dict:
         """Run the model on the calibration set; return {value name: observer fed every batch}."""
         names = list(dict.fromkeys(values))
         observers = {name: make_observer(name) for name in names}
@@ -45,8 +54,9 @@ class Context:
     def run(self, model: ir.Model, names: list[str], description: str = "running"):
         """Yield {name: array} for each calibration batch, with `names` fetched from the graph."""
         session = ort_runtime.session(with_outputs(model, names), optimize=False)
-        for feed in tqdm(self.data, desc=description, unit="batch", disable=not self.progress,
-                         leave=False):
+        for feed in tqdm(
+            self.data, desc=description, unit="batch", disable=not self.progress, leave=False
+        ):
             arrays = session.run(names, feed)
             yield dict(zip(names, arrays, strict=True))
 
@@ -67,5 +77,3 @@ def float_values(graph: ir.Graph) -> set[str]:
     for node in graph:
         names.update(o.name for o in node.outputs if o.dtype in (ir.DataType.FLOAT, None))
     return names
-
-

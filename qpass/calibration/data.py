@@ -87,9 +87,10 @@ class CalibrationData:
         value = self.inputs[name]
         expected = value.dtype.numpy() if value.dtype is not None else array.dtype
         if array.dtype != expected:
-            if not (np.issubdtype(array.dtype, np.number) and np.can_cast(array, expected, "same_kind")):
+            if not np.can_cast(array.dtype, expected, "same_kind"):
                 raise CalibrationError(
-                    f"calibration input {name!r} has dtype {array.dtype}, the model expects {expected}"
+                    f"calibration input {name!r} has dtype {array.dtype}; the model expects "
+                    f"{expected}"
                 )
             array = array.astype(expected)
         if value.shape is not None:

@@ -7,9 +7,9 @@ re-read) and derives a range with one of four methods:
 - minmax: the exact extrema.
 - percentile: the given percentile of each tail.
 - entropy: the threshold minimizing the KL divergence between the |x| histogram and its 8-bit
-  quantized copy (the TensorRT calibration method, Migacz 2017, "8-bit Inference with TensorRT").
+  quantized copy (TensorRT's calibration method; Migacz 2017, "8-bit Inference with TensorRT").
 - mse: the clipping range [lo, hi] minimizing the expected squared error of uniform 8-bit
-  quantization (clipping error of the tails plus step²/12 rounding noise inside), searched on a grid.
+  quantization (clipping error of the tails plus step²/12 rounding noise inside), on a grid.
 """
 
 from __future__ import annotations
@@ -111,27 +111,33 @@ class HistogramObserver:
     def _entropy_threshold(self, levels: int) -> float:
         """KL-optimal threshold on the |x| histogram with `levels` steps (TensorRT's method)."""
         half = self.bins // 2
-        hist = self.counts[half:] + self.counts[:half][::-1]
-        width = self.bound / half
+        hist = (self.counts[half:] + self.counts[:half][::-1]).astype(np.float64)
+        # Exact zeros (a ReLU's spike) are represented exactly at any threshold; left in, they make
+        # the narrowest candidate win because it is the only one that does not smear the spike.
+        hist[0] = 0
+        cum, cum_nonzero = np.cumsum(hist), np.cumsum(hist > 0)
         best, best_kl = half, np.inf
-        nonzero_levels = levels
-        for stop in range(nonzero_levels, half + 1, max(1, half // 256)):
-            reference = hist[:stop].astype(np.float64)
-            reference[-1] += hist[stop:].sum()
-            chunks = np.array_split(hist[:stop].astype(np.float64), nonzero_levels)
-            candidate = np.concatenate(
-                [np.where(c > 0, c.sum() / max(np.count_nonzero(c), 1), 0.0) for c in chunks]
-            )
+        for stop in range(levels, half + 1, max(1, half // 256)):
+            reference = hist[:stop].copy()
+            reference[-1] += cum[-1] - cum[stop - 1]
+            bounds = (np.arange(levels + 1) * stop) // levels
+            totals = np.diff(np.concatenate([[0.0], cum[:stop]])[bounds])
+            counts = np.diff(np.concatenate([[0], cum_nonzero[:stop]])[bounds])
+            chunk = np.searchsorted(bounds, np.arange(stop), side="right") - 1
+            per_bin = totals[chunk] / np.maximum(counts[chunk], 1)
+            candidate = np.where(hist[:stop] > 0, per_bin, 0.0)
             kl = _kl_divergence(reference, candidate)
             if kl < best_kl:
                 best, best_kl = stop, kl
-        return best * width
+        return best * self.bound / half
 
     def _mse_range(self, steps: int, low, high, grid: int = 64):
         """Grid search of (lo, hi) minimizing clipping error + step²/12 rounding noise."""
         c = self.centers
         n = self.counts.astype(np.float64)
-        cum_n, cum_c, cum_c2 = (np.concatenate([[0.0], np.cumsum(v)]) for v in (n, n * c, n * c * c))
+        cum_n, cum_c, cum_c2 = (
+            np.concatenate([[0.0], np.cumsum(v)]) for v in (n, n * c, n * c * c)
+        )
         fractions = np.linspace(1.0 / grid, 1.0, grid)
         los = (low * fractions)[:, None] if low < 0 else np.zeros((1, 1))
         his = (high * fractions)[None, :] if high > 0 else np.zeros((1, 1))

@@ -73,7 +73,11 @@ class FoldBatchNorm(ir.passes.InPlacePass):
             return False
         if constant(layer.inputs[1]) is None:
             return False
-        if len(layer.inputs) > 2 and layer.inputs[2] is not None and constant(layer.inputs[2]) is None:
+        if (
+            len(layer.inputs) > 2
+            and layer.inputs[2] is not None
+            and constant(layer.inputs[2]) is None
+        ):
             return False
         if layer.op_type == "Gemm" and attribute(layer, "beta", 1.0) == 0.0:
             return False

@@ -11,8 +11,17 @@ from qpass.passes._graph import attribute, constant, is_op, sole_consumer
 
 logger = logging.getLogger(__name__)
 
-SCALE_PRESERVING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
-                        "Slice", "Identity", "Pad")
+SCALE_PRESERVING_OPS = (
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Identity",
+    "Pad",
+)
 """Ops whose outputs are a rearrangement or selection of their input values (Pad: zeros added,
 which every asymmetric range here holds exactly), so quantization commutes with them."""
 

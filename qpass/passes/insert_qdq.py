@@ -21,7 +21,7 @@ QUANTIZES = "qpass.quantizes"
 
 @dataclasses.dataclass(frozen=True)
 class _OpRule:
-    """Which inputs of an op are activations, weight and bias, and whether its output is quantized."""
+    """Which inputs of an op are activations, weight and bias; when its output is quantized."""
 
     activations: tuple[int, ...]
     weight: int | None = None
@@ -57,12 +57,19 @@ class InsertQDQ(ir.passes.InPlacePass):
        an Add) is left in float and logged.
 
     Ranges of all activations come from one streaming pass over the calibration data on the float
-    graph (Jacob et al. 2018, §3; Nagel et al. 2021, "A White Paper on Neural Network Quantization").
+    graph (Jacob et al. 2018, §3; Nagel et al. 2021, "A White Paper on Neural Network
+    Quantization").
     """
 
-    def __init__(self, context: Context | None = None, *, weights: QuantScheme = WEIGHT_INT8,
-                 activations: QuantScheme = ACTIVATION_UINT8, op_types=QUANTIZABLE_OPS,
-                 exclude: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        context: Context | None = None,
+        *,
+        weights: QuantScheme = WEIGHT_INT8,
+        activations: QuantScheme = ACTIVATION_UINT8,
+        op_types=QUANTIZABLE_OPS,
+        exclude: frozenset[str] = frozenset(),
+    ):
         super().__init__()
         self.context = context
         self.weights = weights
@@ -138,25 +145,35 @@ class InsertQDQ(ir.passes.InPlacePass):
 
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, params: dict) -> None:
         rule = _RULES[node.op_type]
-        if rule.weight is None or constant(node.inputs[rule.weight]) is None:
+        weight = constant(node.inputs[rule.weight]) if rule.weight is not None else None
+        if weight is None:
             return
-        weight = constant(node.inputs[rule.weight])
         axis = _channel_axis(node, weight.ndim)
         w_scale, w_zero = _weight_params(self.weights, weight, axis)
-        dq = _dequantize(graph, node.inputs[rule.weight].name, self.weights.quantize(
-            weight, _expand(w_scale, axis, weight.ndim), _expand(w_zero, axis, weight.ndim)),
-            w_scale, w_zero, axis if w_scale.ndim else None)
+        bias = (
+            constant(node.inputs[rule.bias])
+            if rule.bias is not None and len(node.inputs) > rule.bias
+            else None
+        )
+        quantize_bias = bias is not None and bias.ndim == 1 and _is_plain_gemm(node)
+        if quantize_bias:
+            x_scale = params[node.inputs[0].name][0]
+            w_scale = _widen_for_int32_bias(w_scale, bias, x_scale)
+        q = self.weights.quantize(
+            weight, _expand(w_scale, axis, weight.ndim), _expand(w_zero, axis, weight.ndim)
+        )
+        dq = _dequantize(
+            graph, node.inputs[rule.weight].name, q, w_scale, w_zero, axis if w_scale.ndim else None
+        )
         graph.insert_before(node, dq)
         node.replace_input_with(rule.weight, dq.outputs[0])
-        bias = constant(node.inputs[rule.bias]) if rule.bias is not None and len(
-            node.inputs) > rule.bias else None
-        if bias is None or bias.ndim != 1 or not _is_plain_gemm(node):
+        if not quantize_bias:
             return
-        x_scale = params[node.inputs[0].name][0]
         b_scale = (x_scale * w_scale * np.ones_like(bias)).astype(np.float32)
-        q = np.clip(np.rint(bias / b_scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
-        dq = _dequantize(graph, node.inputs[rule.bias].name, q, b_scale,
-                         np.zeros(q.shape, np.int32), 0)
+        q = np.clip(np.rint(bias / b_scale), -_INT32_LIMIT, _INT32_LIMIT).astype(np.int32)
+        dq = _dequantize(
+            graph, node.inputs[rule.bias].name, q, b_scale, np.zeros(q.shape, np.int32), 0
+        )
         graph.insert_before(node, dq)
         node.replace_input_with(rule.bias, dq.outputs[0])
 
@@ -168,8 +185,12 @@ class InsertQDQ(ir.passes.InPlacePass):
         q.outputs[0].name = f"{name}_quantized"
         q.outputs[0].dtype = self.activations.ir_dtype
         q.outputs[0].shape = value.shape
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale_v, zero_v],
-                     name=f"{name}_DequantizeLinear", metadata_props={QUANTIZES: name})
+        dq = ir.node(
+            "DequantizeLinear",
+            [q.outputs[0], scale_v, zero_v],
+            name=f"{name}_DequantizeLinear",
+            metadata_props={QUANTIZES: name},
+        )
         dq.outputs[0].name = f"{name}_dequantized"
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, value.shape
         producer = value.producer()
@@ -194,6 +215,27 @@ def _through_activation(value: ir.Value) -> ir.Value:
     ):
         return consumer.outputs[0]
     return value
+
+
+_INT32_LIMIT = 2**31 - 2**10  # margin for float32 rounding of the bias scale
+
+
+def _widen_for_int32_bias(w_scale: np.ndarray, bias: np.ndarray, x_scale: np.ndarray):
+    """Grow the weight scale of channels whose bias would overflow int32 at x_scale * w_scale.
+
+    Happens for near-dead channels (a BatchNorm gamma near 0 folded into tiny weights, with a
+    large beta): their weights then round to 0, which is what they nearly are.
+    """
+    needed = np.abs(bias.astype(np.float64)) / (float(x_scale) * _INT32_LIMIT)
+    if np.all(needed <= w_scale):
+        return w_scale
+    logger.info(
+        "widened %d weight scales so the int32 bias does not overflow",
+        int(np.sum(needed > w_scale)),
+    )
+    if w_scale.ndim == 0:
+        needed = needed.max()
+    return np.maximum(w_scale, needed).astype(np.float32)
 
 
 def _channel_axis(node: ir.Node, ndim: int) -> int:
@@ -230,11 +272,19 @@ def _expand(array: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _dequantize(graph: ir.Graph, name: str, q: np.ndarray, scale: np.ndarray,
-                zero_point: np.ndarray, axis: int | None) -> ir.Node:
-    inputs = [initializer(graph, f"{name}_quantized", q),
-              initializer(graph, f"{name}_scale", np.asarray(scale, np.float32)),
-              initializer(graph, f"{name}_zero_point", np.asarray(zero_point))]
+def _dequantize(
+    graph: ir.Graph,
+    name: str,
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    axis: int | None,
+) -> ir.Node:
+    inputs = [
+        initializer(graph, f"{name}_quantized", q),
+        initializer(graph, f"{name}_scale", np.asarray(scale, np.float32)),
+        initializer(graph, f"{name}_zero_point", np.asarray(zero_point)),
+    ]
     attributes = {"axis": axis} if axis is not None else {}
     dq = ir.node("DequantizeLinear", inputs, attributes, name=f"{name}_DequantizeLinear")
     dq.outputs[0].name = f"{name}_dequantized"

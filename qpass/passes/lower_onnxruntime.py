@@ -42,8 +42,11 @@ class LowerForOnnxRuntime(ir.passes.InPlacePass):
         unfused = [f"{n.op_type} {n.name}: {why}" for n in graph if (why := _why_unfused(n))]
         model.meta["qpass.unfused"] = unfused
         if unfused:
-            logger.warning("%d quantized ops will not fuse in ONNX Runtime:\n  %s",
-                           len(unfused), "\n  ".join(unfused))
+            logger.warning(
+                "%d quantized ops will not fuse in ONNX Runtime:\n  %s",
+                len(unfused),
+                "\n  ".join(unfused),
+            )
         return ir.passes.PassResult(model, modified=shifted > 0)
 
     def _try_shift_to_uint8(self, graph: ir.Graph, q: ir.Node) -> bool:
@@ -55,8 +58,9 @@ class LowerForOnnxRuntime(ir.passes.InPlacePass):
         readers = q.outputs[0].consumers()
         if q.outputs[0].is_graph_output() or not all(is_op(r, "DequantizeLinear") for r in readers):
             return False
-        shifted = initializer(graph, f"{q.inputs[2].name}_u8",
-                              (zero.astype(np.int16) + 128).astype(np.uint8))
+        shifted = initializer(
+            graph, f"{q.inputs[2].name}_u8", (zero.astype(np.int16) + 128).astype(np.uint8)
+        )
         for node in (q, *readers):
             node.replace_input_with(2, shifted)
         q.outputs[0].dtype = ir.DataType.UINT8
@@ -77,8 +81,9 @@ def _why_unfused(node: ir.Node) -> str | None:
         readers = node.outputs[0].consumers()
         if len(readers) != 1 or not is_op(readers[0], "QuantizeLinear"):
             return "output is not quantized"
-    activation_types = {p.inputs[0].dtype for p in producers if p is not None
-                        and constant(p.inputs[0]) is None}
+    activation_types = {
+        p.inputs[0].dtype for p in producers if p is not None and constant(p.inputs[0]) is None
+    }
     if ir.DataType.INT8 in activation_types:
         return "int8 activations"
     return None

@@ -1,0 +1,1 @@
+"""Benchmark data loaders and reference models for qpass."""

@@ -1,0 +1,97 @@
+"""Loaders for the shared benchmark data (see ../shared/data/README.md for the conventions).
+
+The data folder is ``<repo>/../shared/data``; set ``QPASS_DATA`` to read it from elsewhere.
+Nothing is cached on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ENV_VAR = "QPASS_DATA"
+SPLITS = ("calibration", "evaluation")
+CIFAR_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+CIFAR_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+CROP = 224
+
+
+def data_dir() -> Path:
+    """Return the benchmark data folder, raising a clear error if it is missing."""
+    env = os.environ.get(ENV_VAR)
+    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"benchmark data folder not found: {root} "
+            f"(expected <repo>/../shared/data; set {ENV_VAR} to point elsewhere)"
+        )
+    return root
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _center_crop(img: Image.Image, size: int = CROP) -> Image.Image:
+    """Centre-crop to ``size`` x ``size``, flooring the offsets (reproduces the README's 0.872)."""
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def imagenet(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load the ImageNet sample: float32 NCHW [N,3,224,224], ``(pixel - 127) / 128``, int64 labels.
+
+    Class index = position of the wnid among the 1000 sorted wnids; calibration holds the classes
+    with index % 10 == 0 (100 images), evaluation the other 900.  ``limit`` keeps the first N
+    in class order.
+    """
+    _check_split(split)
+    folder = data_dir() / "imagenet-sample"
+    files = {p.name.split("_", 1)[0]: p for p in folder.glob("*.jpg")}
+    if len(files) != 1000:
+        raise FileNotFoundError(f"expected 1000 wnids in {folder}, found {len(files)}")
+    want_calib = split == "calibration"
+    picked = [(i, files[w]) for i, w in enumerate(sorted(files)) if (i % 10 == 0) == want_calib]
+    picked = picked[:limit] if limit is not None else picked
+    images = np.empty((len(picked), 3, CROP, CROP), dtype=np.float32)
+    for k, (_, path) in enumerate(picked):
+        with Image.open(path) as img:
+            pixels = np.asarray(_center_crop(img.convert("RGB")), dtype=np.float32)
+        images[k] = ((pixels - 127.0) / 128.0).transpose(2, 0, 1)
+    return images, np.array([i for i, _ in picked], dtype=np.int64)
+
+
+def cifar10(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load the CIFAR-10 test set: float32 NCHW [N,3,32,32] mean/std-normalised, int64 labels.
+
+    Calibration = first 200 indices of ``default_rng(0).permutation(10000)``, evaluation = the other
+    9800 in permutation order.  ``limit`` keeps the first N of the split.
+    """
+    _check_split(split)
+    with np.load(data_dir() / "cifar10-test" / "cifar10_test.npz") as npz:
+        raw, labels = npz["images"], npz["labels"]
+    perm = np.random.default_rng(0).permutation(len(raw))
+    idx = perm[:200] if split == "calibration" else perm[200:]
+    idx = idx[:limit] if limit is not None else idx
+    x = (raw[idx].astype(np.float32) / 255.0 - CIFAR_MEAN) / CIFAR_STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels[idx].astype(np.int64)
+
+
+def top1(
+    logits_fn: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch: int = 50,
+) -> float:
+    """Top-1 accuracy of ``logits_fn`` (float32 batch -> logits [B, classes]) over the images."""
+    correct = 0
+    for start in range(0, len(images), batch):
+        logits = np.asarray(logits_fn(images[start : start + batch]))
+        correct += int((logits.argmax(axis=1) == labels[start : start + batch]).sum())
+    return correct / max(len(images), 1)

@@ -1,0 +1,150 @@
+"""The `qpass` command: compile and inspect models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qpass.errors import QpassError
+from qpass.schemes import RANGE_METHODS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qpass", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    c = commands.add_parser("compile", help="quantize an ONNX model")
+    c.add_argument("model", type=Path, help="float ONNX model (never modified)")
+    c.add_argument("-o", "--output", type=Path, required=True, help="quantized ONNX model to write")
+    c.add_argument("--preset", default="int8", help="pass list and schemes (default: int8)")
+    c.add_argument(
+        "--calib",
+        type=Path,
+        required=True,
+        help=".npz calibration data: one array per model input, samples on axis 0",
+    )
+    c.add_argument(
+        "--calibrator",
+        choices=RANGE_METHODS,
+        help="activation range method (default: the preset's)",
+    )
+    c.add_argument("--exclude", nargs="*", default=[], help="node names to keep in float")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
+    c.add_argument("--target", default="onnxruntime", help="deployment target (onnxruntime)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+
+    i = commands.add_parser("inspect", help="summarize the quantization of an ONNX model")
+    i.add_argument("model", type=Path)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _compile(args) if args.command == "compile" else _inspect(args)
+    except QpassError as e:
+        print(f"qpass: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _compile(args) -> int:
+    import qpass
+
+    start = time.perf_counter()
+    compiled = qpass.compile(
+        args.model,
+        preset=args.preset,
+        calibration=args.calib,
+        calibrator=args.calibrator,
+        exclude=args.exclude,
+        batch_size=args.batch_size,
+        target=args.target,
+        progress=not args.quiet,
+    )
+    compiled.save(args.output)
+    if not args.quiet:
+        print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
+        print(_summary(compiled.model))
+    if args.report:
+        report = compiled.report()
+        report.save(args.report)
+        if not args.quiet:
+            print(f"wrote {args.report}; worst layers:")
+            for r in report.worst(5):
+                print(f"  {r.op_type:<18} {r.node:<40} {r.sqnr_db:6.2f} dB")
+    return 0
+
+
+def _inspect(args) -> int:
+    from qpass.capture import load_onnx
+    from qpass.runtime import onnxruntime as ort_runtime
+
+    model = load_onnx(args.model)
+    print(_summary(model))
+    print("\nper layer:")
+    print(_layer_table(model))
+    print("\nONNX Runtime kernels after its fusions:")
+    for op, n in ort_runtime.optimized_op_types(str(args.model)).items():
+        print(f"  {op:<32} {n}")
+    return 0
+
+
+def _layers(model: ir.Model):
+    """(node, weight dtype, weight granularity, activation dtypes) of each compute op."""
+    from qpass.passes._graph import attribute, constant, is_op
+    from qpass.passes.insert_qdq import QUANTIZABLE_OPS
+
+    for node in model.graph:
+        if not is_op(node, *QUANTIZABLE_OPS):
+            continue
+        weight, granularity, activations = "-", "-", []
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if not is_op(producer, "DequantizeLinear"):
+                if value is not None and constant(value) is None:
+                    activations.append("float")
+                continue
+            dtype = producer.inputs[0].dtype.name.lower()
+            if constant(producer.inputs[0]) is None:
+                activations.append(dtype)
+            elif producer.inputs[0].dtype != ir.DataType.INT32:
+                scale = constant(producer.inputs[1])
+                weight = dtype
+                granularity = (
+                    f"channel(axis={attribute(producer, 'axis', 1)})"
+                    if scale is not None and scale.size > 1
+                    else "tensor"
+                )
+        yield node, weight, granularity, activations
+
+
+def _summary(model: ir.Model) -> str:
+    quantized, floating = Counter(), Counter()
+    for node, weight, _, activations in _layers(model):
+        if "float" in activations or not activations:
+            floating[node.op_type] += 1
+        else:
+            quantized[f"{node.op_type} ({'/'.join(sorted(set(activations)))} act, {weight} w)"] += 1
+    lines = ["quantized ops:"] + [f"  {k:<44} {v}" for k, v in sorted(quantized.items())]
+    lines += ["float ops left:"] + (
+        [f"  {k:<44} {v}" for k, v in sorted(floating.items())] or ["  none"]
+    )
+    return "\n".join(lines)
+
+
+def _layer_table(model: ir.Model) -> str:
+    rows = [(n.op_type, n.name or "?", w, g, "/".join(a) or "-") for n, w, g, a in _layers(model)]
+    width = max([len(r[1]) for r in rows] + [4])
+    header = f"  {'op':<18} {'node':<{width}} {'weight':<7} {'granularity':<16} activations"
+    return "\n".join(
+        [header] + [f"  {o:<18} {n:<{width}} {w:<7} {g:<16} {a}" for o, n, w, g, a in rows]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
