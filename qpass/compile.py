@@ -107,8 +107,9 @@ def compile(
                     "file with one array per model input, or an iterable of input dicts)"
                 )
             p.context = context
-    result = ir.passes.PassManager(passes)(model)
-    return CompiledModel(result.model, float_model, context)
+    for p in passes:
+        model = p(model).model
+    return CompiledModel(model, float_model, context)
 
 
 def write_atomically(path: Path, data: bytes) -> Path:

@@ -15,38 +15,43 @@ CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable
 
 
 class CalibrationData:
-    """Checked calibration samples for one model, served as batches of input feeds.
+    """Checked calibration samples for one model, served as input feeds.
 
-    Accepts an `.npz` file (keys are input names, first axis is samples), a mapping of input name to
-    stacked samples, or an iterable whose items are input dicts or arrays (single-input models). An
-    item with the rank of the model input is a batch; one rank lower is a single sample.
+    Accepts an `.npz` file (keys are input names, first axis is samples) or a mapping of input name
+    to stacked samples, both cut into batches of `batch_size` when the model's batch dimension is
+    dynamic (else one sample per run); or an iterable whose items are input dicts or arrays
+    (single-input models), each run as given. An item one rank below the model input is a single
+    sample and gets a batch axis.
     """
 
     def __init__(self, source: CalibrationSource, graph: ir.Graph, batch_size: int = 8):
         self.inputs = {v.name: v for v in graph.inputs}
-        columns = _stack(self._read(source))
-        self.columns = {name: self._check(name, array) for name, array in columns.items()}
-        self.num_samples = len(next(iter(self.columns.values())))
         dynamic = all(_batch_dim_is_dynamic(v) for v in self.inputs.values())
-        self.batch_size = batch_size if dynamic else 1
+        self.feeds = [
+            {name: self._check(name, array) for name, array in feed.items()}
+            for feed in self._read(source, batch_size if dynamic else 1)
+        ]
+        if not self.feeds:
+            raise CalibrationError("calibration data is empty: give at least one sample")
+        first = next(iter(self.inputs))
+        self.num_samples = sum(len(feed[first]) for feed in self.feeds)
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return len(self.feeds)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, self.num_samples, self.batch_size):
-            yield {k: v[start : start + self.batch_size] for k, v in self.columns.items()}
+        return iter(self.feeds)
 
-    def _read(self, source: CalibrationSource) -> list[dict[str, np.ndarray]]:
+    def _read(self, source: CalibrationSource, batch_size: int) -> list[dict[str, np.ndarray]]:
         if source is None:
             raise CalibrationError(
                 "calibration data is required to set activation ranges: pass calibration=... "
                 "(an .npz file with one array per model input, or an iterable of input dicts)"
             )
         if isinstance(source, str | os.PathLike):
-            return [self._as_feed(self._read_npz(Path(source)))]
+            return _batches(self._as_feed(self._read_npz(Path(source))), batch_size)
         if isinstance(source, Mapping):
-            return [self._as_feed(source)]
+            return _batches(self._as_feed(source), batch_size)
         return [self._as_feed(item) for item in source]
 
     def _read_npz(self, path: Path) -> dict[str, np.ndarray]:
@@ -113,14 +118,14 @@ class CalibrationData:
         return array
 
 
-def _stack(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if not feeds or not any(len(v) for f in feeds for v in f.values()):
-        raise CalibrationError("calibration data is empty: give at least one sample")
-    names = feeds[0].keys()
-    try:
-        return {n: np.concatenate([f[n] for f in feeds]) for n in names}
-    except ValueError as e:
-        raise CalibrationError(f"calibration samples differ in shape: {e}") from e
+def _batches(columns: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    count = min(len(v) for v in columns.values())
+    if any(len(v) != count for v in columns.values()):
+        raise CalibrationError(
+            "calibration arrays hold different numbers of samples: "
+            + ", ".join(f"{k}: {len(v)}" for k, v in columns.items())
+        )
+    return [{k: v[i : i + size] for k, v in columns.items()} for i in range(0, count, size)]
 
 
 def _rank(value: ir.Value) -> int:

@@ -8,8 +8,8 @@ re-read) and derives a range with one of four methods:
 - percentile: the given percentile of each tail.
 - entropy: the threshold minimizing the KL divergence between the |x| histogram and its 8-bit
   quantized copy (TensorRT's calibration method; Migacz 2017, "8-bit Inference with TensorRT").
-- mse: the clipping range [lo, hi] minimizing the expected squared error of uniform 8-bit
-  quantization (clipping error of the tails plus step²/12 rounding noise inside), on a grid.
+- mse: the range (f * min, f * max), f on a grid in (0, 1], minimizing the squared error of
+  quantizing the histogram (clipping of the tails and rounding inside, at bin resolution).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class HistogramObserver:
             levels = scheme.qmax - scheme.qmin + 1
             threshold = self._entropy_threshold(levels // 2 if low < 0 else levels)
             return np.maximum(low, -threshold), np.minimum(high, threshold)
-        return self._mse_range(scheme.qmax - scheme.qmin, low, high)
+        return self._mse_range(scheme, low, high)
 
     def _percentile_range(self, percentile: float, low, high):
         cdf = np.cumsum(self.counts) / self.counts.sum()
@@ -131,31 +131,17 @@ class HistogramObserver:
                 best, best_kl = stop, kl
         return best * self.bound / half
 
-    def _mse_range(self, steps: int, low, high, grid: int = 64):
-        """Grid search of (lo, hi) minimizing clipping error + step²/12 rounding noise."""
-        c = self.centers
-        n = self.counts.astype(np.float64)
-        cum_n, cum_c, cum_c2 = (
-            np.concatenate([[0.0], np.cumsum(v)]) for v in (n, n * c, n * c * c)
-        )
-        fractions = np.linspace(1.0 / grid, 1.0, grid)
-        los = (low * fractions)[:, None] if low < 0 else np.zeros((1, 1))
-        his = (high * fractions)[None, :] if high > 0 else np.zeros((1, 1))
-        edges = np.linspace(-self.bound, self.bound, self.bins + 1)
-        i_lo = np.searchsorted(edges, los, side="right") - 1
-        i_hi = np.searchsorted(edges, his, side="left")
-        below = cum_c2[i_lo] - 2 * los * cum_c[i_lo] + los**2 * cum_n[i_lo]
-        above = (
-            (cum_c2[-1] - cum_c2[i_hi])
-            - 2 * his * (cum_c[-1] - cum_c[i_hi])
-            + his**2 * (cum_n[-1] - cum_n[i_hi])
-        )
-        inside = (cum_n[i_hi] - cum_n[i_lo]) * ((his - los) / steps) ** 2 / 12.0
-        error = below + above + inside
-        i, j = np.unravel_index(np.argmin(error), error.shape)
-        return np.asarray(los[i, 0] if los.shape[0] > 1 else 0.0), np.asarray(
-            his[0, j] if his.shape[1] > 1 else 0.0
-        )
+    def _mse_range(self, scheme: QuantScheme, low, high, grid: int = 128):
+        """The range (f*low, f*high) minimizing the squared quantization error over the histogram."""
+        low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)  # the range always holds 0
+        fractions = np.linspace(1.0 / grid, 1.0, grid)[:, None]
+        scale, zero = scheme.scale_zero_point(low * fractions, high * fractions)
+        scale, zero = scale.astype(np.float64), zero.astype(np.float64)
+        c = self.centers[None, :]
+        q = np.clip(np.rint(c / scale) + zero, scheme.qmin, scheme.qmax)
+        error = ((c - (q - zero) * scale) ** 2) @ self.counts.astype(np.float64)
+        best = fractions[int(np.argmin(error)), 0]
+        return low * best, high * best
 
 
 def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
@@ -165,8 +151,7 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
         return np.inf
     q = q / q_sum
     mask = p > 0
-    if np.any(q[mask] == 0):
-        return np.inf
+    q = np.where(mask & (q == 0), 1e-6, q)  # smoothed, as TensorRT and ONNX Runtime do
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
