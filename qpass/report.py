@@ -43,8 +43,8 @@ class Report:
         signal: dict[str, float] = {}
         noise: dict[str, float] = {}
         quantized = ir.to_proto(model).SerializeToString()
-        floats = context.run(ir.from_proto(_proto(float_model)), float_names, "report: float")
-        quants = context.run(ir.from_proto(_proto(quantized)), quant_names, "report: quantized")
+        floats = context.run(ir.from_proto(_proto(float_model)), float_names, "report")
+        quants = context.run(ir.from_proto(_proto(quantized)), quant_names, progress=False)
         for f_out, q_out in zip(floats, quants, strict=True):
             for key, f_name, q_name in [(q, f, q) for _, _, f, q in pairs] + [
                 (o, o, o) for o in outputs

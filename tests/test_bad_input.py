@@ -47,7 +47,7 @@ def test_bad_calibration_data(model_file, calibration, message):
 def test_unreadable_npz(model_file, tmp_path):
     bad = tmp_path / "calib.npz"
     bad.write_bytes(b"not an npz")
-    with pytest.raises(qpass.CalibrationError, match="not a readable .npz"):
+    with pytest.raises(qpass.CalibrationError, match=r"not a readable \.npz"):
         compile_with(model_file, bad)
 
 
@@ -117,8 +117,16 @@ def test_unwritable_output_path(model_file, tiny_calibration, tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(model_file, tmp_path, capsys):
-    code = main(["compile", str(model_file), "-o", str(tmp_path / "o.onnx"), "--calib",
-                 str(tmp_path / "missing.npz")])
+    code = main(
+        [
+            "compile",
+            str(model_file),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--calib",
+            str(tmp_path / "missing.npz"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "qpass: error: calibration file" in err and "Traceback" not in err
@@ -128,7 +136,19 @@ def test_input_file_is_never_modified(model_file, tiny_calibration, tmp_path):
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
     np.savez(tmp_path / "calib.npz", **tiny_calibration)
     out = tmp_path / "out.onnx"
-    assert main(["compile", str(model_file), "-o", str(out), "--calib",
-                 str(tmp_path / "calib.npz"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(model_file),
+                "-o",
+                str(out),
+                "--calib",
+                str(tmp_path / "calib.npz"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert hashlib.sha256(model_file.read_bytes()).hexdigest() == digest
     assert out.is_file() and not list(tmp_path.glob(".out.onnx.*"))

@@ -51,12 +51,13 @@ class Context:
                 observers[name].update(array)
         return observers
 
-    def run(self, model: ir.Model, names: list[str], description: str = "running"):
+    def run(
+        self, model: ir.Model, names: list[str], description: str = "running", progress: bool = True
+    ):
         """Yield {name: array} for each calibration batch, with `names` fetched from the graph."""
         session = ort_runtime.session(with_outputs(model, names), optimize=False)
-        for feed in tqdm(
-            self.data, desc=description, unit="batch", disable=not self.progress, leave=False
-        ):
+        show = self.progress and progress
+        for feed in tqdm(self.data, desc=description, unit="batch", disable=not show, leave=False):
             arrays = session.run(names, feed)
             yield dict(zip(names, arrays, strict=True))
 

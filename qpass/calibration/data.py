@@ -17,11 +17,11 @@ CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable
 class CalibrationData:
     """Checked calibration samples for one model, served as input feeds.
 
-    Accepts an `.npz` file (keys are input names, first axis is samples) or a mapping of input name
-    to stacked samples, both cut into batches of `batch_size` when the model's batch dimension is
-    dynamic (else one sample per run); or an iterable whose items are input dicts or arrays
-    (single-input models), each run as given. An item one rank below the model input is a single
-    sample and gets a batch axis.
+    Accepts an `.npz` file (keys are input names, first axis is samples), a mapping of input name
+    to stacked samples, or one array of stacked samples (single-input models), all cut into
+    batches of `batch_size` when the model's batch dimension is dynamic (else one sample per
+    run); or an iterable whose items are input dicts or arrays (single-input models), each run as
+    given. An item one rank below the model input is a single sample and gets a batch axis.
     """
 
     def __init__(self, source: CalibrationSource, graph: ir.Graph, batch_size: int = 8):
@@ -50,7 +50,7 @@ class CalibrationData:
             )
         if isinstance(source, str | os.PathLike):
             return _batches(self._as_feed(self._read_npz(Path(source))), batch_size)
-        if isinstance(source, Mapping):
+        if isinstance(source, Mapping | np.ndarray):
             return _batches(self._as_feed(source), batch_size)
         return [self._as_feed(item) for item in source]
 

@@ -132,7 +132,7 @@ class HistogramObserver:
         return best * self.bound / half
 
     def _mse_range(self, scheme: QuantScheme, low, high, grid: int = 128):
-        """The range (f*low, f*high) minimizing the squared quantization error over the histogram."""
+        """The range (f*low, f*high) minimizing the squared quantization error of the histogram."""
         low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)  # the range always holds 0
         fractions = np.linspace(1.0 / grid, 1.0, grid)[:, None]
         scale, zero = scheme.scale_zero_point(low * fractions, high * fractions)

@@ -111,7 +111,7 @@ class InsertQDQ(ir.passes.InPlacePass):
         if any(constant(v) is not None for v in float_inputs):
             logger.info("%s %s: constant operand, left in float", node.op_type, node.name)
             return False
-        return all(v is not None and v.dtype == ir.DataType.FLOAT for v in float_inputs)
+        return all(v is not None and v.dtype in (ir.DataType.FLOAT, None) for v in float_inputs)
 
     def _activation_tensors(self, nodes: list[ir.Node]) -> list[str]:
         """Names of the activation tensors to quantize, in graph order."""
