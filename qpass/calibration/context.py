@@ -55,7 +55,8 @@ class Context:
         self, model: ir.Model, names: list[str], description: str = "running", progress: bool = True
     ):
         """Yield {name: array} for each calibration batch, with `names` fetched from the graph."""
-        session = ort_runtime.session(with_outputs(model, names), optimize=False)
+        # ORT keeps every requested tensor; it may still fuse what nobody asked to see.
+        session = ort_runtime.session(with_outputs(model, names))
         show = self.progress and progress
         for feed in tqdm(self.data, desc=description, unit="batch", disable=not show, leave=False):
             arrays = session.run(names, feed)

@@ -2,7 +2,8 @@
 
 `MinMaxObserver` keeps running extrema (per tensor or per channel). `HistogramObserver` keeps a
 histogram whose range doubles when data falls outside it (bins are merged exactly, so no sample is
-re-read) and derives a range with one of four methods:
+re-read; batches larger than `max_samples` are sampled systematically) and derives a range with
+one of four methods:
 
 - minmax: the exact extrema.
 - percentile: the given percentile of each tail.
@@ -47,10 +48,11 @@ class MinMaxObserver:
 class HistogramObserver:
     """A histogram over [-bound, bound] that grows by powers of two; all four range methods."""
 
-    def __init__(self, bins: int = 4096):
+    def __init__(self, bins: int = 4096, max_samples: int = 1 << 20):
         if bins & (bins - 1):
             raise ValueError("bins must be a power of two (the range grows by exact bin merges)")
         self.bins = bins
+        self.max_samples = max_samples
         self.bound = 0.0
         self.counts = np.zeros(bins, np.int64)
         self.extrema = MinMaxObserver()
@@ -63,6 +65,8 @@ class HistogramObserver:
         peak = float(max(-self.extrema.low, self.extrema.high))
         if peak > self.bound:
             self._grow(peak)
+        if x.size > self.max_samples:  # a systematic sample; the extrema above stay exact
+            x = x[:: -(-x.size // self.max_samples)]
         counts, _ = np.histogram(x, bins=self.bins, range=(-self.bound, self.bound))
         self.counts += counts
 
