@@ -16,6 +16,7 @@ def session(
     *,
     threads: int | None = None,
     optimize: bool = True,
+    arena: bool = True,
     providers: list[str] | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession for a serialized model or a model file.
@@ -23,12 +24,15 @@ def session(
     - `session.qdq_matmulnbits_accuracy_level` is 0: ORT would otherwise turn DQ(int4)->MatMul into
       MatMulNBits at accuracy level 4 (0.5% error in fp32, zeros in fp16).
     - `threads` sets intra-op threads (default: ORT's choice, one per core); inter-op is 1.
-    - `optimize=False` keeps the graph as written (for observing intermediate tensors).
+    - `optimize=False` keeps the graph as written.
+    - `arena=False` frees buffers after each run instead of keeping ORT's CPU memory arena (for
+      calibration runs that fetch many intermediate tensors).
     """
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.log_severity_level = 3
     options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = (

@@ -27,6 +27,9 @@ class CalibrationData:
     def __init__(self, source: CalibrationSource, graph: ir.Graph, batch_size: int = 8):
         self.inputs = {v.name: v for v in graph.inputs}
         dynamic = all(_batch_dim_is_dynamic(v) for v in self.inputs.values())
+        # Feeds cut from stacked samples along a dynamic batch axis may be cut finer.
+        stacked = isinstance(source, str | os.PathLike | Mapping | np.ndarray)
+        self.splittable = dynamic and stacked
         self.feeds = [
             {name: self._check(name, array) for name, array in feed.items()}
             for feed in self._read(source, batch_size if dynamic else 1)
