@@ -11,7 +11,7 @@ from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from qpass.passes import FoldBatchNorm, FuseRequant, InsertQDQ, LowerForOnnxRuntime
 from qpass.schemes import WEIGHT_INT8, QuantScheme
 
-DEFAULT_CALIBRATOR = "mse"
+DEFAULT_CALIBRATOR = "minmax"
 
 
 def canonicalize() -> list[ir.passes.PassBase]:

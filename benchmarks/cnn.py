@@ -1,0 +1,369 @@
+"""CNN benchmark: FP32 vs ONNX Runtime quantize_static vs qpass, side by side.
+
+    python -m benchmarks.cnn [--models efficientnet_lite0 resnet20] [--out FILE] [--quick]
+
+For each model: top-1 on the evaluation split, latency at batch 1 and 8 (ONNX Runtime, CPU),
+compile wall time and peak RSS (each compile in its own subprocess), and the quantized kernels
+ONNX Runtime runs after its fusions.  Internal worker (one compile, prints JSON):
+
+    python -m benchmarks.cnn --worker {ort,qpass} METHOD BATCH MODEL.onnx CALIB.npz OUT.onnx
+
+ORT's histogram calibrators (Entropy, Percentile) fail when the last calibration batch is smaller
+than the others (microsoft/onnxruntime#18792); such a row is kept as an error and retried once as
+an extra row "[bN]" with the largest batch size N <= 8 that divides the calibration set.
+
+Latency: this machine's CPU time is noisy, so all rows of a model are timed in interleaved rounds
+and the table shows each row's best round median (all round medians are in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 8  # calibration batch size, for ORT and qpass alike
+ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
+KERNELS = ("QLinearConv", "QGemm", "QLinearAdd")
+# model -> (data loader name, calibration images, eval limit with --quick)
+MODELS = {"efficientnet_lite0": ("imagenet", 100, 200), "resnet20": ("cifar10", 200, 1000)}
+WORKER_TIMEOUT_S = 3600
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (the tables go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- compile workers (subprocess)
+
+
+def _ort_reader(calib: np.ndarray, name: str, batch: int):
+    """A CalibrationDataReader yielding ``calib`` in batches of ``batch`` under input ``name``."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: calib[i : i + batch]} for i in range(0, len(calib), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return Reader()
+
+
+def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str) -> int:
+    """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB)."""
+    if tool == "ort":
+        import onnxruntime as ort
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        name = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        with np.load(calib) as npz:
+            reader = _ort_reader(npz["input"], name, int(batch))
+        start = time.perf_counter()
+        quantize_static(
+            model, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod[method],
+        )
+        rc = 0
+    else:
+        from qpass import cli
+
+        argv = ["compile", model, "-o", out, "--preset", "int8", "--calib", calib, "-q",
+                "--batch-size", batch]
+        argv += [] if method == "default" else ["--calibrator", method]
+        start = time.perf_counter()
+        rc = cli.main(argv)
+    wall = time.perf_counter() - start
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb() or maxrss_mb,
+                      "ru_maxrss_mb": maxrss_mb, "rc": rc}))
+    return rc
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS (VmHWM) in MB, or None where /proc is missing.
+
+    ru_maxrss is not used first: Linux carries it over fork+exec, so a worker started from the
+    (larger) parent would report at least the parent's RSS.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def run_worker(tool: str, method: str, batch: int, model: Path, calib: Path, out: Path) -> dict:
+    """Run :func:`worker` in a fresh interpreter; on failure return ``{"error": ...}``."""
+    cmd = [sys.executable, "-m", "benchmarks.cnn", "--worker", tool, method, str(batch),
+           str(model), str(calib), str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines or not out.exists():
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- evaluation (parent process)
+
+
+def load_data(model: str, quick: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibration images, evaluation images and evaluation labels for ``model``."""
+    from benchmarks import data
+
+    loader, n_calib, quick_limit = MODELS[model]
+    load = getattr(data, loader)
+    calib, _ = load("calibration", n_calib)
+    images, labels = load("evaluation", quick_limit if quick else None)
+    return calib, images, labels
+
+
+def export(model: str, example: np.ndarray, path: Path) -> Path:
+    """Export the reference torch model to ONNX (optimized), silencing the exporter's prints."""
+    import torch
+
+    from benchmarks import models
+
+    module = getattr(models, model)()
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        return models.export_onnx(module, torch.from_numpy(example), path, optimize=True)
+
+
+def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1 (batch 50), predicted classes, and the op types ORT runs after its fusions."""
+    from qpass.runtime.onnxruntime import optimized_op_types, session
+
+    from benchmarks.data import top1
+
+    sess = session(str(path))
+    name = sess.get_inputs()[0].name
+    predictions = []
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        out = sess.run(None, {name: x})[0]
+        predictions.append(out.argmax(axis=1))
+        return out
+
+    acc = top1(logits, images, labels, batch=50)
+    return {"top1": acc, "predictions": np.concatenate(predictions).tolist(),
+            "op_types": optimized_op_types(str(path))}
+
+
+def measure_latency(rows: list[dict], images: np.ndarray, rounds: int, repeat: int) -> None:
+    """Median latency at batch 1 and 8 for every row, in interleaved rounds.
+
+    This machine's CPU time is noisy (bursts of 2-4x slowdowns lasting seconds), so each round
+    takes ``latency(repeat=...)`` of every row in turn and a row's figure is its best round
+    median; every round median is kept in the row (``latency_b{1,8}_rounds_ms``).
+    """
+    from qpass.runtime.onnxruntime import latency, session
+
+    sessions = {r["row"]: session(str(r["path"])) for r in rows}
+    for b in (1, 8):
+        batch = np.ascontiguousarray(images[:b])
+        for r in rows:
+            r[f"latency_b{b}_rounds_ms"] = []
+        for _ in range(rounds):
+            for r in rows:
+                sess = sessions[r["row"]]
+                ms = latency(sess, {sess.get_inputs()[0].name: batch}, warmup=5, repeat=repeat)
+                r[f"latency_b{b}_rounds_ms"].append(ms)
+        for r in rows:
+            r[f"latency_b{b}_ms"] = min(r[f"latency_b{b}_rounds_ms"])
+
+
+def bench_row(model: str, label: str, tool: str, method: str | None, batch: int, folder: Path,
+              images: np.ndarray, labels: np.ndarray) -> dict:
+    """Compile (in a worker) unless FP32, then measure top-1 and the fused kernels of one row."""
+    fp32 = folder / "fp32.onnx"
+    path = fp32 if tool == "fp32" else folder / f"{tool}_{method}_b{batch}.onnx"
+    row = {"model": model, "row": label, "tool": tool, "method": method, "calib_batch": batch,
+           "n_eval": len(images), "path": str(path)}
+    if tool == "qpass":  # qpass is edited while benchmarks run: name the tree each row used
+        row["qpass_source_sha256"] = source_digest()
+    if tool != "fp32":
+        log(f"{model}: compiling {label}")
+        row.update(run_worker(tool, method, batch, fp32, folder / "calib.npz", path))
+    if "error" in row:
+        log(f"{model}: {label} FAILED: {row['error'].splitlines()[-1]}")
+        return row
+    log(f"{model}: top-1 of {label}")
+    row.update(accuracy(path, images, labels))
+    if tool != "fp32":
+        row["kernels"] = {k: row["op_types"].get(k, 0) for k in KERNELS}
+    return row
+
+
+def bench_model(model: str, work: Path, quick: bool) -> list[dict]:
+    """All rows (FP32, ORT x3 (+ retries), qpass x5) for one model."""
+    log(f"{model}: loading data")
+    calib, images, labels = load_data(model, quick)
+    folder = work / model
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32, calib_path = folder / "fp32.onnx", folder / "calib.npz"
+    np.savez(calib_path, input=calib)
+    log(f"{model}: exporting ONNX ({len(calib)} calibration, {len(images)} evaluation images)")
+    export(model, calib[:2], fp32)
+
+    specs = [("FP32", "fp32", None)]
+    specs += [(f"ORT {m}", "ort", m) for m in ORT_METHODS]
+    specs += [("qpass" if m == "default" else f"qpass {m}", "qpass", m) for m in QPASS_METHODS]
+    fallback = max(b for b in range(1, BATCH + 1) if len(calib) % b == 0)
+    rows = []
+    for label, tool, method in specs:
+        rows.append(row := bench_row(model, label, tool, method, BATCH, folder, images, labels))
+        if tool == "ort" and "error" in row and "inhomogeneous" in row["error"]:
+            rows.append(bench_row(model, f"{label} [b{fallback}]", tool, method, fallback,
+                                  folder, images, labels))
+    ok = [r for r in rows if "error" not in r]
+    rounds, repeat = (2, 10) if quick else (7, 30)
+    log(f"{model}: latency of {len(ok)} models, {rounds} interleaved rounds x {repeat} runs")
+    measure_latency(ok, images, rounds, repeat)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Add delta vs FP32 (points), agreement with FP32's predicted classes (a steadier measure of
+    fidelity than top-1 on a few hundred images) and latency ratios to FP32 and to the
+    best-accuracy ORT row."""
+    ok = [r for r in rows if "error" not in r]
+    base = next(r for r in ok if r["tool"] == "fp32")  # first: its predictions are popped last
+    ort_rows = [r for r in ok if r["tool"] == "ort"]
+    best = max(ort_rows, key=lambda r: r["top1"]) if ort_rows else None
+    reference = np.asarray(base["predictions"])
+    for r in ok:
+        r["delta_pts"] = 100 * (r["top1"] - base["top1"])
+        r["agree_fp32"] = float(np.mean(np.asarray(r.pop("predictions")) == reference))
+        r["best_ort_row"] = best["row"] if best else None
+        for b in (1, 8):
+            key = f"latency_b{b}_ms"
+            r[f"ratio_fp32_b{b}"] = r[key] / base[key]
+            r[f"ratio_best_ort_b{b}"] = r[key] / best[key] if best else None
+
+
+# ---------------------------------------------------------------- output
+
+
+def table(rows: list[dict]) -> str:
+    """Aligned text table of one model's rows."""
+    header = ["row", "top1%", "Δpts", "agree%", "b1 ms", "b8 ms", "b1/fp32", "b8/fp32", "b1/ORT*",
+              "b8/ORT*", "compile s", "RSS MB", *KERNELS]
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["row"], "ERROR: " + r["error"].splitlines()[-1][:150]])
+            continue
+        k = r.get("kernels", {})
+        lines.append([
+            r["row"], fmt(100 * r["top1"], ".2f"), fmt(r["delta_pts"], "+.2f"),
+            fmt(100 * r["agree_fp32"], ".2f"),
+            fmt(r["latency_b1_ms"], ".2f"), fmt(r["latency_b8_ms"], ".2f"),
+            fmt(r["ratio_fp32_b1"], ".2f"), fmt(r["ratio_fp32_b8"], ".2f"),
+            fmt(r["ratio_best_ort_b1"], ".2f"), fmt(r["ratio_best_ort_b8"], ".2f"),
+            fmt(r.get("compile_s"), ".1f"), fmt(r.get("peak_rss_mb"), ".0f"),
+            *(fmt(k.get(name), "d") for name in KERNELS),
+        ])
+    full = [header] + [ln for ln in lines if len(ln) == len(header)]
+    widths = [max(len(ln[i]) for ln in full) for i in range(len(header))]
+
+    def join(cells: list[str]) -> str:
+        if len(cells) == 2:  # error row: name + message
+            return f"{cells[0].ljust(widths[0])}  {cells[1]}"
+        return "  ".join([cells[0].ljust(widths[0])]
+                         + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)])
+
+    return "\n".join(join(ln) for ln in [header, *lines])
+
+
+def versions() -> dict:
+    """Versions of the packages that decide the numbers."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    import qpass
+
+    return {"python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__,
+            "qpass": qpass.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "qpass_source_sha256": source_digest()}
+
+
+def source_digest() -> str:
+    """Short hash of qpass's source files (qpass is edited often; this names the exact tree)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([*REPO.glob("qpass/**/*.py"), *REPO.glob("runtime/*.py")]):
+        digest.update(path.relative_to(REPO).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --worker, one compile); print tables and write the JSON."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cnn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cnn.json")
+    parser.add_argument("--quick", action="store_true", help="fewer eval images and repeats")
+    parser.add_argument("--work", type=Path, help="keep exported/quantized models here")
+    parser.add_argument("--worker", nargs=6,
+                        metavar=("TOOL", "METHOD", "BATCH", "MODEL", "CALIB", "OUT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+
+    command = shlex.join(["python", "-m", "benchmarks.cnn", *(sys.argv[1:] if argv is None
+                                                               else argv)])
+    info = versions()
+    print(f"$ {command}")
+    print("  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnn-")))
+        for model in args.models:
+            model_rows = bench_model(model, work, args.quick)
+            rows += model_rows
+            n_eval = model_rows[0]["n_eval"]
+            print(f"\n== {model}: top-1 on {n_eval} images; ORT* = best-accuracy ORT row ==")
+            print(table(model_rows), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": command, "versions": info, "quick": args.quick,
+              "calibration_batch": BATCH, "rows": rows}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
