@@ -5,21 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
-from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
-from qpass.passes import FoldBatchNorm, FuseRequant, InsertQDQ, LowerForOnnxRuntime
+from qpass.passes import FoldBatchNorm, FoldConstants, FuseRequant, InsertQDQ, LowerForOnnxRuntime
 from qpass.schemes import WEIGHT_INT8, QuantScheme
 
 DEFAULT_CALIBRATOR = "minmax"
 
 
 def canonicalize() -> list[ir.passes.PassBase]:
-    """Fold constant subgraphs (CastLike'd Clip bounds, shape arithmetic) to expose patterns."""
-    return [
-        FoldConstantsPass(shape_inference=False, input_size_limit=1024, output_size_limit=1 << 20),
-        RemoveUnusedNodesPass(),
-    ]
+    """Passes that expose patterns without changing the float function."""
+    return [FoldConstants()]
 
 
 def int8(

@@ -258,8 +258,11 @@ def _is_plain_gemm(node: ir.Node) -> bool:
 def _weight_params(scheme: QuantScheme, weight: np.ndarray, axis: int):
     """Scale and zero point of a weight: its min-max range, or with method "mse" the range
     shrunk by the factor in [0.5, 1] that minimizes each channel's squared rounding error."""
-    rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1) if scheme.per_channel \
+    rows = (
+        np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+        if scheme.per_channel
         else weight.reshape(1, -1)
+    )
     low, high = rows.min(axis=1), rows.max(axis=1)
     if scheme.method == "mse":
         best, best_error = np.ones_like(low), np.full(low.shape, np.inf)
