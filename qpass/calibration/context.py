@@ -92,11 +92,3 @@ def with_outputs(model: ir.Model, names: list[str]) -> bytes:
         if name not in existing:
             proto.graph.output.add().name = name
     return proto.SerializeToString()
-
-
-def float_values(graph: ir.Graph) -> set[str]:
-    """Names of the float32 tensors the graph computes or receives (candidates to observe)."""
-    names = {v.name for v in graph.inputs if v.dtype == ir.DataType.FLOAT}
-    for node in graph:
-        names.update(o.name for o in node.outputs if o.dtype in (ir.DataType.FLOAT, None))
-    return names

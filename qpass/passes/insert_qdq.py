@@ -88,11 +88,11 @@ class InsertQDQ(ir.passes.InPlacePass):
                 "constant weights); nothing to quantize"
             )
         tensors = self._activation_tensors(nodes)
-        params = self._calibrate(model, tensors)
+        params = self._calibrate(model, list(tensors))
         for node in nodes:
             self._quantize_weights(graph, node, params)
-        for name in tensors:
-            self._insert_pair(graph, self._values[name], *params[name])
+        for name, value in tensors.items():
+            self._insert_pair(graph, value, *params[name])
         logger.info("quantized %d ops and %d activation tensors", len(nodes), len(tensors))
         return ir.passes.PassResult(model, modified=True)
 
@@ -113,25 +113,22 @@ class InsertQDQ(ir.passes.InPlacePass):
             return False
         return all(v is not None and v.dtype in (ir.DataType.FLOAT, None) for v in float_inputs)
 
-    def _activation_tensors(self, nodes: list[ir.Node]) -> list[str]:
-        """Names of the activation tensors to quantize, in graph order."""
+    def _activation_tensors(self, nodes: list[ir.Node]) -> dict[str, ir.Value]:
+        """The activation tensors to quantize, by name, in graph order."""
         chosen: dict[str, ir.Value] = {}
         for node in nodes:
             rule = _RULES[node.op_type]
-            for i in rule.activations:
-                chosen[node.inputs[i].name] = node.inputs[i]
+            inputs = [node.inputs[i] for i in rule.activations]
             if rule.weight is not None and constant(node.inputs[rule.weight]) is None:
-                chosen[node.inputs[rule.weight].name] = node.inputs[rule.weight]
-        quantized_readers = set()
-        for node in nodes:
-            quantized_readers.add(id(node))
+                inputs.append(node.inputs[rule.weight])
+            chosen.update((v.name, v) for v in inputs)
+        quantized = {id(node) for node in nodes}
         for node in nodes:
             out = _through_activation(node.outputs[0])
-            feeds_quantized = any(id(c) in quantized_readers for c in out.consumers())
+            feeds_quantized = any(id(c) in quantized for c in out.consumers())
             if _RULES[node.op_type].output == "always" or feeds_quantized:
                 chosen[out.name] = out
-        self._values = chosen
-        return list(chosen)
+        return chosen
 
     def _calibrate(self, model: ir.Model, names: list[str]) -> dict[str, tuple]:
         observers = self.context.observe(
