@@ -43,8 +43,8 @@ class Report:
         signal: dict[str, float] = {}
         noise: dict[str, float] = {}
         quantized = ir.to_proto(model).SerializeToString()
-        floats = context.run(ir.from_proto(_proto(float_model)), float_names, "report")
-        quants = context.run(ir.from_proto(_proto(quantized)), quant_names, progress=False)
+        floats = context.run(float_model, float_names, "report")
+        quants = context.run(quantized, quant_names, progress=False)
         for f_out, q_out in zip(floats, quants, strict=True):
             for key, f_name, q_name in [(q, f, q) for _, _, f, q in pairs] + [
                 (o, o, o) for o in outputs
@@ -85,7 +85,7 @@ class Report:
         )
 
     def to_html(self) -> str:
-        body = _markdown_tables_to_html(self)
+        body = _html_body(self)
         return (
             f"<!doctype html><html><head><meta charset='utf-8'><title>qpass report</title>"
             f"<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}"
@@ -135,12 +135,6 @@ def _db(signal: float, noise: float) -> float:
     return float(10 * np.log10(max(signal, 1e-30) / noise))
 
 
-def _proto(data: bytes):
-    import onnx
-
-    return onnx.load_from_string(data)
-
-
 def _bar_chart(rows: list[LayerError]) -> str:
     """An inline SVG bar chart of the layers with the lowest SQNR."""
     finite = [r for r in rows if np.isfinite(r.sqnr_db)]
@@ -164,7 +158,7 @@ def _bar_chart(rows: list[LayerError]) -> str:
     )
 
 
-def _markdown_tables_to_html(report: Report) -> str:
+def _html_body(report: Report) -> str:
     esc = html.escape
     outs = "".join(f"<tr><td>{esc(k)}</td><td>{v:.2f}</td></tr>" for k, v in report.outputs.items())
     kernels = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in report.kernels.items())

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
@@ -57,7 +58,11 @@ class Context:
         return observers
 
     def run(
-        self, model: ir.Model, names: list[str], description: str = "running", progress: bool = True
+        self,
+        model: ir.Model | bytes,
+        names: list[str],
+        description: str = "running",
+        progress: bool = True,
     ):
         """Yield {name: array} for each calibration batch, with `names` fetched from the graph."""
         # ORT keeps every requested tensor; it may still fuse what nobody asked to see.
@@ -84,9 +89,9 @@ class Context:
             self.rows_per_run = max(1, int(self.fetch_bytes // max(per_row, 1)))
 
 
-def with_outputs(model: ir.Model, names: list[str]) -> bytes:
-    """A serialized copy of `model` whose graph also outputs the values `names`."""
-    proto = ir.to_proto(model)
+def with_outputs(model: ir.Model | bytes, names: list[str]) -> bytes:
+    """A serialized copy of `model` (IR or serialized) whose graph also outputs `names`."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:
