@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,11 @@ def _capture_torch(module, example_inputs, input_names, dynamic_batch) -> ir.Mod
             )
         return program.model
     except Exception as e:  # torch.export refuses some models; the TorchScript exporter may not
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0][:200]
         warnings.warn(
             f"torch.export could not capture {type(module).__name__} ({type(e).__name__}: "
-            f"{str(e)[:200]}); falling back to the TorchScript ONNX exporter",
+            f"{reason}); falling back to the TorchScript ONNX exporter, which traces one path "
+            "through data-dependent control flow",
             stacklevel=3,
         )
     import io

@@ -196,3 +196,21 @@ def test_fold_constants_skips_onnxscript_when_nothing_folds(tmp_path, tiny_model
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_capture_falls_back_to_torchscript_with_a_warning():
+    torch = pytest.importorskip("torch")
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.relu() if y.sum() > 0 else -y
+
+    with pytest.warns(UserWarning, match="falling back to the TorchScript ONNX exporter"):
+        model = qpass.capture(DataDependent().eval(), torch.randn(2, 3, 8, 8))
+    assert "Conv" in [n.op_type for n in model.graph]
+    assert not isinstance(model.graph.inputs[0].shape[0], int)  # batch stays dynamic
