@@ -214,3 +214,38 @@ def test_capture_falls_back_to_torchscript_with_a_warning():
         model = qpass.capture(DataDependent().eval(), torch.randn(2, 3, 8, 8))
     assert "Conv" in [n.op_type for n in model.graph]
     assert not isinstance(model.graph.inputs[0].shape[0], int)  # batch stays dynamic
+
+
+def test_concat_inputs_share_the_output_scale(tiny_calibration):
+    """Rule 5: the Q/DQ pairs feeding a Concat take the Concat output's scale and zero point."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.normal(0, s, (4, 3, 3, 3)).astype(np.float32), f"w{i}")
+        for i, s in enumerate((0.1, 1.0))
+    ]
+    head = numpy_helper.from_array(rng.normal(0, 0.3, (2, 8, 1, 1)).astype(np.float32), "wh")
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"], ["a"], pads=[1] * 4),
+        helper.make_node("Conv", ["input", "w1"], ["b"], pads=[1] * 4),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("Conv", ["c", "wh"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "concat",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [*weights, head],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.from_proto(quantize(proto, tiny_calibration, lower=False))
+    concat = next(n for n in model.graph if n.op_type == "Concat")
+    out_q = concat.outputs[0].consumers()[0]
+    for value in concat.inputs:
+        source_q = value.producer().inputs[0].producer()
+        assert source_q.inputs[1].const_value.numpy() == out_q.inputs[1].const_value.numpy()
+    x = tiny_calibration["input"][:4]
+    expected = run_onnx(proto, {"input": x})[0]
+    assert sqnr_db(expected, run_onnx(ir.to_proto(model), {"input": x})[0]) > 25

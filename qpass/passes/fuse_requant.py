@@ -45,6 +45,9 @@ class FuseRequant(ir.passes.InPlacePass):
     3. DQ(s, z) -> Q(s, z)  ==>  the integer tensor itself (an identity requant).
     4. Q(s, z) -> DQ(s, z) -> Q(s2, z2)  ==>  Q(s2, z2) directly from the float tensor when the
        middle DQ has no other reader and [s2 range] ⊆ [s range]: one rounding instead of two.
+    5. Q_i(s_i) -> DQ_i -> Concat -> Q(s, z)  ==>  every Q_i takes (s, z)  when each DQ_i is read
+       by the Concat alone: the Concat then joins integers exactly (the inputs are quantized once,
+       on the output's grid, instead of twice).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -55,7 +58,7 @@ class FuseRequant(ir.passes.InPlacePass):
                 continue
             if self._try_drop_clamp(graph, node):
                 counts["clamp"] += 1
-            elif self._try_share_scale(node):
+            elif self._try_share_scale(node) or self._try_share_concat_scale(node):
                 counts["shared"] += 1
         for node in list(graph):
             if node.graph is None or not is_op(node, "QuantizeLinear"):
@@ -99,6 +102,29 @@ class FuseRequant(ir.passes.InPlacePass):
         if dq.inputs[0].dtype != q.outputs[0].dtype:
             return False
         _set_params(q, dq.inputs[1], dq.inputs[2])
+        return True
+
+    def _try_share_concat_scale(self, node: ir.Node) -> bool:
+        if not is_op(node, "Concat"):
+            return False
+        q = sole_consumer(node.outputs[0])
+        dqs = [v.producer() if v is not None else None for v in node.inputs]
+        if not is_op(q, "QuantizeLinear") or _is_per_axis(q):
+            return False
+        if not all(
+            is_op(dq, "DequantizeLinear") and sole_consumer(dq.outputs[0]) is node for dq in dqs
+        ):
+            return False
+        sources = [dq.inputs[0].producer() for dq in dqs]
+        if not all(
+            is_op(src, "QuantizeLinear") and src.outputs[0].dtype == q.outputs[0].dtype
+            for src in sources
+        ):
+            return False
+        if all(_same_params(src, q) for src in sources):
+            return False
+        for src in sources:
+            _set_params(src, q.inputs[1], q.inputs[2])
         return True
 
     def _try_drop_identity_requant(self, graph: ir.Graph, q: ir.Node) -> bool:
