@@ -3,7 +3,7 @@
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
 from qpass.compile import CompiledModel, compile
-from qpass.errors import CalibrationError, ModelError, OutputError, QpassError
+from qpass.errors import CalibrationError, LintError, ModelError, OutputError, QpassError
 from qpass.presets import PRESETS
 from qpass.schemes import QuantScheme
 
@@ -13,6 +13,7 @@ __all__ = [
     "CalibrationError",
     "CompiledModel",
     "Context",
+    "LintError",
     "ModelError",
     "OutputError",
     "QpassError",

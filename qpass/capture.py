@@ -26,13 +26,16 @@ def capture(
     *,
     input_names: list[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: tuple[int, ...] | None = None,
 ) -> ir.Model:
     """Return `model` as an `onnx_ir.Model` at opset >= 13.
 
     Accepts an ONNX file path, an `onnx.ModelProto`, an `onnx_ir.Model` (used as is, not copied),
     or a `torch.nn.Module` with `example_inputs` (a tensor or a tuple of tensors): it is captured
     with torch.export and the dynamo ONNX exporter, with a dynamic batch dimension; if torch.export
-    cannot capture it, the TorchScript exporter is used with a warning.
+    cannot capture it, the TorchScript exporter is used with a warning. `dynamic_axes` lists the
+    axes that are dynamic in every input (default `(0,)`; `(0, 1)` for batch and sequence length
+    of a text encoder taking input_ids, attention_mask, token_type_ids), named dim0, dim1, ...
     """
     if isinstance(model, ir.Model):
         result = model
@@ -41,7 +44,8 @@ def capture(
     elif isinstance(model, str | os.PathLike):
         result = load_onnx(Path(model))
     elif _is_torch_module(model):
-        result = _capture_torch(model, example_inputs, input_names, dynamic_batch)
+        axes = (dynamic_axes or (0,)) if dynamic_batch else ()
+        result = _capture_torch(model, example_inputs, input_names, axes)
     else:
         raise ModelError(
             f"cannot capture a {type(model).__name__}: give an ONNX file path, an onnx.ModelProto, "
@@ -84,7 +88,7 @@ def _is_torch_module(model: Any) -> bool:
     return isinstance(model, torch.nn.Module)
 
 
-def _capture_torch(module, example_inputs, input_names, dynamic_batch) -> ir.Model:
+def _capture_torch(module, example_inputs, input_names, axes: tuple[int, ...]) -> ir.Model:
     import torch
 
     if example_inputs is None:
@@ -93,9 +97,9 @@ def _capture_torch(module, example_inputs, input_names, dynamic_batch) -> ir.Mod
     module = module.eval()
     names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     dynamic = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1)
-        dynamic = tuple({0: batch} for _ in args)
+    if axes:
+        dims = {a: torch.export.Dim("batch" if a == 0 else f"dim{a}", min=1) for a in axes}
+        dynamic = tuple({a: dims[a] for a in axes if a < arg.ndim} for arg in args)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -114,6 +118,12 @@ def _capture_torch(module, example_inputs, input_names, dynamic_batch) -> ir.Mod
     import io
 
     buffer = io.BytesIO()
-    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
-    torch.onnx.export(module, args, buffer, dynamo=False, input_names=names, dynamic_axes=axes)
+    named = {a: "batch" if a == 0 else f"dim{a}" for a in axes}
+    dynamic_names = {
+        n: {a: d for a, d in named.items() if a < x.ndim}
+        for n, x in zip(names, args, strict=True)
+    }
+    torch.onnx.export(
+        module, args, buffer, dynamo=False, input_names=names, dynamic_axes=dynamic_names or None
+    )
     return ir.from_proto(onnx.load_from_string(buffer.getvalue()))

@@ -1,4 +1,4 @@
-"""The `qpass` command: compile and inspect models."""
+"""The `qpass` command: compile, inspect and lint models."""
 
 from __future__ import annotations
 
@@ -16,13 +16,18 @@ from qpass.schemes import RANGE_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qpass.compile import TARGETS
+
     parser = argparse.ArgumentParser(prog="qpass", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     c = commands.add_parser("compile", help="quantize an ONNX model")
     c.add_argument("model", type=Path, help="float ONNX model (never modified)")
     c.add_argument("-o", "--output", type=Path, required=True, help="quantized ONNX model to write")
-    c.add_argument("--preset", default="int8", help="pass list and schemes (default: int8)")
+    c.add_argument(
+        "--preset",
+        help="pass list and schemes (default: the target's: int8, or int8-tensorrt)",
+    )
     c.add_argument(
         "--calib",
         type=Path,
@@ -35,18 +40,43 @@ def main(argv: list[str] | None = None) -> int:
         help="activation range method (default: the preset's)",
     )
     c.add_argument("--exclude", nargs="*", default=[], help="node names to keep in float")
+    c.add_argument(
+        "--group-size", type=int, help="w4a16-*: input channels per weight scale (default 128)"
+    )
+    c.add_argument(
+        "--format",
+        choices=("dq", "matmulnbits"),
+        help="w4a16-*: blockwise DequantizeLinear -> MatMul (dq, default) or MatMulNBits",
+    )
+    c.add_argument("--symmetric", action="store_true", help="w4a16-*: int4 weights, no zero point")
+    c.add_argument("--act-order", action="store_true", help="w4a16-gptq: columns by diag(H)")
+    c.add_argument(
+        "--keep-float", type=int, help="w8a8-*: leave the N most sensitive layers in float"
+    )
     c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
-    c.add_argument("--target", default="onnxruntime", help="deployment target (onnxruntime)")
+    c.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=TARGETS,
+        help="deployment target (default: onnxruntime); tensorrt also lints the result and "
+        "refuses a graph TensorRT would reject",
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
 
     i = commands.add_parser("inspect", help="summarize the quantization of an ONNX model")
     i.add_argument("model", type=Path)
 
+    lint = commands.add_parser(
+        "lint", help="check a QDQ ONNX model against a target's rules (exit 1 on findings)"
+    )
+    lint.add_argument("model", type=Path)
+    lint.add_argument("--target", default="tensorrt", choices=("tensorrt",))
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _compile(args) if args.command == "compile" else _inspect(args)
+        return {"compile": _compile, "inspect": _inspect, "lint": _lint}[args.command](args)
     except QpassError as e:
         print(f"qpass: error: {e}", file=sys.stderr)
         return 2
@@ -55,17 +85,24 @@ def main(argv: list[str] | None = None) -> int:
 def _compile(args) -> int:
     import qpass
 
+    options = {"group_size": args.group_size, "format": args.format}
+    options.update(symmetric=args.symmetric or None, act_order=args.act_order or None)
+    options.update(keep_float=args.keep_float or None)
     start = time.perf_counter()
-    compiled = qpass.compile(
-        args.model,
-        preset=args.preset,
-        calibration=args.calib,
-        calibrator=args.calibrator,
-        exclude=args.exclude,
-        batch_size=args.batch_size,
-        target=args.target,
-        progress=not args.quiet,
-    )
+    try:
+        compiled = qpass.compile(
+            args.model,
+            preset=args.preset,
+            calibration=args.calib,
+            calibrator=args.calibrator,
+            exclude=args.exclude,
+            batch_size=args.batch_size,
+            target=args.target,
+            progress=not args.quiet,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    except qpass.LintError as e:
+        raise qpass.LintError(f"{e}\n{args.output} was not written", e.findings) from e
     compiled.save(args.output)
     if not args.quiet:
         print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
@@ -78,6 +115,23 @@ def _compile(args) -> int:
             for r in report.worst(5):
                 print(f"  {r.op_type:<18} {r.node:<40} {r.sqnr_db:6.2f} dB")
     return 0
+
+
+def _lint(args) -> int:
+    from qpass.lint import RULES, errors, format_findings, lint_tensorrt
+
+    findings = lint_tensorrt(args.model)
+    if not findings:
+        print(f"{args.model}: clean for {args.target} ({len(RULES)} rules checked)")
+        return 0
+    print(format_findings(findings))
+    n_errors = len(errors(findings))
+    n_warnings = len(findings) - n_errors
+    print(
+        f"{args.model}: {n_errors} error{'s' * (n_errors != 1)}, {n_warnings} "
+        f"warning{'s' * (n_warnings != 1)} for {args.target}"
+    )
+    return 1
 
 
 def _inspect(args) -> int:
@@ -120,16 +174,26 @@ def _layers(model: ir.Model):
                     if scale is not None and scale.size > 1
                     else "tensor"
                 )
+                if attribute(producer, "block_size", 0):
+                    granularity = f"block({attribute(producer, 'block_size', 0)}, axis=0)"
         yield node, weight, granularity, activations
 
 
 def _summary(model: ir.Model) -> str:
+    from qpass.passes._graph import attribute
+
     quantized, floating = Counter(), Counter()
     for node, weight, _, activations in _layers(model):
-        if "float" in activations or not activations:
+        if weight != "-" and activations == ["float"]:  # weight-only (w4a16)
+            quantized[f"{node.op_type} (float act, {weight} w)"] += 1
+        elif "float" in activations or not activations:
             floating[node.op_type] += 1
         else:
             quantized[f"{node.op_type} ({'/'.join(sorted(set(activations)))} act, {weight} w)"] += 1
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            bits = attribute(node, "bits", 4)
+            quantized[f"MatMulNBits (float act, {bits}-bit w)"] += 1
     lines = ["quantized ops:"] + [f"  {k:<44} {v}" for k, v in sorted(quantized.items())]
     lines += ["float ops left:"] + (
         [f"  {k:<44} {v}" for k, v in sorted(floating.items())] or ["  none"]

@@ -13,13 +13,15 @@ import onnx_ir as ir
 
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
-from qpass.errors import CalibrationError, OutputError, QpassError
+from qpass.errors import CalibrationError, LintError, OutputError, QpassError
 from qpass.presets import PRESETS
 from qpass.runtime import onnxruntime as ort_runtime
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime",)
+TARGETS = ("onnxruntime", "tensorrt")
+DEFAULT_PRESETS = {"onnxruntime": "int8", "tensorrt": "int8-tensorrt"}
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 class CompiledModel:
@@ -29,13 +31,21 @@ class CompiledModel:
         self.model = model
         self.float_model = float_model
         self.context = context
+        self.findings: list = []  # target tensorrt: the linter's warnings (qpass.lint)
         self._session = None
 
     def to_bytes(self) -> bytes:
         return ir.to_proto(self.model).SerializeToString()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model to `path` atomically (a temporary file renamed into place)."""
+        """Write the model to `path` atomically (a temporary file renamed into place); a model
+        whose tensors pass 2 GB (protobuf's limit) keeps them in `<file>.data` beside it."""
+        if _tensor_bytes(self.model) > EXTERNAL_DATA_BYTES:
+            path = Path(path)
+            if not path.parent.is_dir():
+                raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
+            ir.save(self.model, path, external_data=f"{path.name}.data")
+            return path
         return write_atomically(Path(path), self.to_bytes())
 
     def session(self, threads: int | None = None):
@@ -62,7 +72,7 @@ def compile(
     model: Any,
     passes: list[ir.passes.PassBase] | None = None,
     *,
-    preset: str = "int8",
+    preset: str | None = None,
     calibration: Any = None,
     example_inputs: Any = None,
     target: str = "onnxruntime",
@@ -70,6 +80,7 @@ def compile(
     exclude: list[str] | tuple[str, ...] = (),
     batch_size: int = 8,
     progress: bool = True,
+    **options: Any,
 ) -> CompiledModel:
     """Compile a float model into a quantized one.
 
@@ -77,20 +88,29 @@ def compile(
         model: an ONNX path, `onnx.ModelProto`, `onnx_ir.Model` (copied, never changed) or a
             `torch.nn.Module` (then `example_inputs` is required).
         passes: the passes to run, in order; default: the preset's.
-        preset: a name in `qpass.presets.PRESETS` ("int8").
+        preset: a name in `qpass.presets.PRESETS`; default: the target's ("int8" for
+            onnxruntime, "int8-tensorrt" for tensorrt).
         calibration: an .npz file whose keys are input names (first axis = samples), a dict of
             stacked arrays, or an iterable of input dicts or arrays.
-        target: "onnxruntime" (the CPU default).
+        target: "onnxruntime" (the CPU default) or "tensorrt": the compiled graph is then
+            checked by `qpass.lint.lint_tensorrt`; a graph TensorRT would refuse raises
+            `LintError` (placement warnings are logged and kept in `CompiledModel.findings`).
         calibrator: activation range method of the preset: minmax, percentile, entropy or mse.
         exclude: node names to leave in float.
         batch_size: calibration batch size (used when the model's batch dimension is dynamic).
+        options: keyword options of the preset (w4a16-*: group_size, format, symmetric, ...).
     """
     if target not in TARGETS:
         raise QpassError(f"target {target!r} is not supported; choose one of {TARGETS}")
+    preset = preset or DEFAULT_PRESETS[target]
+    explicit_passes = passes is not None
     if passes is None:
         if preset not in PRESETS:
             raise QpassError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        passes = PRESETS[preset](calibrator=calibrator, exclude=frozenset(exclude))
+        try:
+            passes = PRESETS[preset](calibrator=calibrator, exclude=frozenset(exclude), **options)
+        except (TypeError, ValueError) as e:
+            raise QpassError(f"preset {preset!r}: {e}") from e
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
@@ -109,7 +129,39 @@ def compile(
             p.context = context
     for p in passes:
         model = p(model).model
-    return CompiledModel(model, float_model, context)
+    compiled = CompiledModel(model, float_model, context)
+    if target == "tensorrt":
+        compiled.findings = _lint_for_tensorrt(model, None if explicit_passes else preset)
+    return compiled
+
+
+_LISTED = 10
+
+
+def _lint_for_tensorrt(model: ir.Model, preset: str | None) -> list:
+    """Findings of the TensorRT linter; raise LintError if TensorRT would refuse the graph."""
+    from qpass.lint import errors, lint_tensorrt
+
+    findings = lint_tensorrt(model)
+    refused = errors(findings)
+    if refused:
+        hint = ""
+        if preset != DEFAULT_PRESETS["tensorrt"]:
+            hint = f"\nuse preset {DEFAULT_PRESETS['tensorrt']!r} (the default for this target)"
+        listed = "\n  ".join(str(f) for f in refused[:_LISTED])
+        if len(refused) > _LISTED:
+            listed += f"\n  ... and {len(refused) - _LISTED} more"
+        raise LintError(
+            f"TensorRT would refuse the compiled graph ({len(refused)} errors):\n  {listed}{hint}",
+            refused,
+        )
+    for finding in findings:
+        logger.warning("TensorRT placement: %s", finding)
+    return findings
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
 
 
 def write_atomically(path: Path, data: bytes) -> Path:

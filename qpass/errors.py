@@ -15,3 +15,11 @@ class CalibrationError(QpassError):
 
 class OutputError(QpassError):
     """An output file cannot be written."""
+
+
+class LintError(QpassError):
+    """A compiled graph breaks its target's rules (`qpass.lint`); `findings` lists them."""
+
+    def __init__(self, message: str, findings: list) -> None:
+        super().__init__(message)
+        self.findings = list(findings)

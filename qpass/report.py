@@ -32,6 +32,8 @@ class Report:
     outputs: dict[str, float]
     kernels: dict[str, int]
     unfused: list[str]
+    smoothquant_muls: list[str] = dataclasses.field(default_factory=list)
+    sensitivity: list[tuple[str, float, bool]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def measure(cls, float_model: bytes, model: ir.Model, context: Context) -> Report:
@@ -58,6 +60,8 @@ class Report:
             outputs={o: _db(signal[o], noise[o]) for o in outputs},
             kernels=ort_runtime.optimized_op_types(quantized),
             unfused=list(model.meta.get("qpass.unfused", [])),
+            smoothquant_muls=list(model.meta.get("qpass.smoothquant_muls", [])),
+            sensitivity=list(model.meta.get("qpass.sensitivity", [])),
         )
 
     def worst(self, n: int = 10) -> list[LayerError]:
@@ -82,7 +86,7 @@ class Report:
             f"|---|---|\n{outs}\n\n## ONNX Runtime kernels\n\n{kernels}\n\n"
             f"## Ops that will not fuse\n\n{unfused}\n\n## Per-layer SQNR (dB)\n\n"
             f"| op | node | tensor | SQNR dB |\n|---|---|---|---|\n{rows}\n"
-        )
+        ) + _extra_markdown(self)
 
     def to_html(self) -> str:
         body = _html_body(self)
@@ -175,5 +179,41 @@ def _html_body(report: Report) -> str:
         f"<h2>ONNX Runtime kernels</h2><table><tr><th>kernel</th><th>count</th></tr>"
         f"{kernels}</table><h2>Ops that will not fuse</h2><ul>{unfused}</ul>"
         f"<h2>Per-layer SQNR</h2><table><tr><th>op</th><th>node</th><th>tensor</th>"
-        f"<th>SQNR dB</th></tr>{rows}</table>"
+        f"<th>SQNR dB</th></tr>{rows}</table>{_extra_html(report)}"
     )
+
+
+def _extra_markdown(report: Report) -> str:
+    """Sections that exist only when a pass recorded their data (SmoothQuant, mixed precision)."""
+    text = ""
+    if report.smoothquant_muls:
+        muls = "\n".join(f"- `{m}`" for m in report.smoothquant_muls)
+        text += f"\n## SmoothQuant: explicit Mul (no producer absorbed 1/s)\n\n{muls}\n"
+    if report.sensitivity:
+        rows = "\n".join(
+            f"| `{n}` | {db:.2f} | {'float' if kept else 'int8'} |"
+            for n, db, kept in report.sensitivity
+        )
+        text += (
+            "\n## Layer sensitivity (output SQNR dB with only that layer quantized)\n\n"
+            f"| node | SQNR dB | kept |\n|---|---|---|\n{rows}\n"
+        )
+    return text
+
+
+def _extra_html(report: Report) -> str:
+    esc = html.escape
+    text = ""
+    if report.smoothquant_muls:
+        items = "".join(f"<li>{esc(m)}</li>" for m in report.smoothquant_muls)
+        text += f"<h2>SmoothQuant: explicit Mul (no producer absorbed 1/s)</h2><ul>{items}</ul>"
+    if report.sensitivity:
+        rows = "".join(
+            f"<tr><td>{esc(n)}</td><td>{db:.2f}</td><td>{'float' if kept else 'int8'}</td></tr>"
+            for n, db, kept in report.sensitivity
+        )
+        text += (
+            "<h2>Layer sensitivity (output SQNR dB with only that layer quantized)</h2>"
+            f"<table><tr><th>node</th><th>SQNR dB</th><th>kept</th></tr>{rows}</table>"
+        )
+    return text

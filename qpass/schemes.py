@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -14,6 +15,8 @@ RANGE_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 _INTEGER_TYPES = {
     "int8": (ir.DataType.INT8, np.int8, -128, 127),
     "uint8": (ir.DataType.UINT8, np.uint8, 0, 255),
+    "int4": (ir.DataType.INT4, ml_dtypes.int4, -8, 7),
+    "uint4": (ir.DataType.UINT4, ml_dtypes.uint4, 0, 15),
 }
 
 
@@ -22,11 +25,15 @@ class QuantScheme:
     """A quantization scheme for one class of tensors.
 
     Attributes:
-        dtype: integer type of the quantized tensor ("int8" or "uint8").
+        dtype: integer type of the quantized tensor ("int8", "uint8", "int4" or "uint4").
         per_channel: one scale per slice along the tensor's channel axis (weights), else one scale.
-        symmetric: zero point fixed at 0; signed types then use the restricted range [-127, 127].
+        symmetric: zero point fixed at 0 (the middle of the range for unsigned types); 8-bit
+            signed types then use the restricted range [-127, 127]; 4-bit types keep all 16
+            levels, scale = max|w| / 7.5 (the GPTQ convention: [-8, 7], or [0, 15] around 8).
         method: how the range is chosen from calibration statistics.
         percentile: the percentile kept by method="percentile".
+        group_size: weights only: one scale (and zero point) per block of `group_size`
+            consecutive input channels of each output channel (blockwise, opset 21).
     """
 
     dtype: str = "uint8"
@@ -34,6 +41,7 @@ class QuantScheme:
     symmetric: bool = False
     method: RangeMethod = "minmax"
     percentile: float = 99.999
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _INTEGER_TYPES:
@@ -42,6 +50,12 @@ class QuantScheme:
             )
         if self.method not in RANGE_METHODS:
             raise ValueError(f"range method {self.method!r} is unknown; use one of {RANGE_METHODS}")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise ValueError(f"group_size must be an even number >= 2, not {self.group_size}")
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.dtype.endswith("4") else 8
 
     @property
     def ir_dtype(self) -> ir.DataType:
@@ -54,7 +68,7 @@ class QuantScheme:
     @property
     def qmin(self) -> int:
         low = _INTEGER_TYPES[self.dtype][2]
-        return low + 1 if self.symmetric and low < 0 else low
+        return low + 1 if self.symmetric and low < 0 and self.bits == 8 else low
 
     @property
     def qmax(self) -> int:

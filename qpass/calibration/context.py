@@ -63,10 +63,15 @@ class Context:
         names: list[str],
         description: str = "running",
         progress: bool = True,
+        only: bool = False,
     ):
-        """Yield {name: array} for each calibration batch, with `names` fetched from the graph."""
+        """Yield {name: array} for each calibration batch, with `names` fetched from the graph.
+
+        `only=True` runs just the part of the graph that computes `names` (the graph's own
+        outputs are dropped): the cheap way to reach an early layer of a deep model.
+        """
         # ORT keeps every requested tensor; it may still fuse what nobody asked to see.
-        session = ort_runtime.session(with_outputs(model, names), arena=False)
+        session = ort_runtime.session(with_outputs(model, names, only=only), arena=False)
         show = self.progress and progress
         for feed in tqdm(self.data, desc=description, unit="batch", disable=not show, leave=False):
             for part in self._cut(feed):
@@ -89,11 +94,45 @@ class Context:
             self.rows_per_run = max(1, int(self.fetch_bytes // max(per_row, 1)))
 
 
-def with_outputs(model: ir.Model | bytes, names: list[str]) -> bytes:
-    """A serialized copy of `model` (IR or serialized) whose graph also outputs `names`."""
+def with_outputs(model: ir.Model | bytes, names: list[str], only: bool = False) -> bytes:
+    """A serialized copy of `model` (IR or serialized) whose graph also outputs `names`.
+
+    With `only`, the graph outputs just `names`, without the nodes and initializers that do not
+    lead to them.
+    """
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
+    if only:
+        del proto.graph.output[:]
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:
             proto.graph.output.add().name = name
+    if only:
+        _prune(proto.graph, set(names))
     return proto.SerializeToString()
+
+
+def _prune(graph: onnx.GraphProto, needed: set[str]) -> None:
+    """Drop the nodes and initializers of `graph` that no name in `needed` depends on."""
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every value name read inside the node's subgraphs (outer-scope reads included)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                names.update(inner.input)
+                names.update(_subgraph_reads(inner))
+    return names

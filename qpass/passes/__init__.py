@@ -1,9 +1,37 @@
 """Graph passes, one per file: each an `onnx_ir.passes.InPlacePass`."""
 
+from qpass.passes.absorb_high_bias import AbsorbHighBias
+from qpass.passes.correct_bias import CorrectBias
+from qpass.passes.equalize import EqualizeCrossLayer
 from qpass.passes.fold_bn import FoldBatchNorm
 from qpass.passes.fold_constants import FoldConstants
 from qpass.passes.fuse_requant import FuseRequant
+from qpass.passes.gptq import GPTQ
 from qpass.passes.insert_qdq import InsertQDQ
+from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
+from qpass.passes.lower_matmulnbits import LowerToMatMulNBits
 from qpass.passes.lower_onnxruntime import LowerForOnnxRuntime
+from qpass.passes.lower_tensorrt import LowerForTensorRT
+from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
+from qpass.passes.rtn import RoundToNearest
+from qpass.passes.sensitivity import KeepSensitiveFloat
+from qpass.passes.smoothquant import SmoothQuant
 
-__all__ = ["FoldBatchNorm", "FoldConstants", "FuseRequant", "InsertQDQ", "LowerForOnnxRuntime"]
+__all__ = [
+    "GPTQ",
+    "AbsorbHighBias",
+    "CorrectBias",
+    "EqualizeCrossLayer",
+    "FoldBatchNorm",
+    "FoldConstants",
+    "FuseRequant",
+    "InsertQDQ",
+    "KeepSensitiveFloat",
+    "LowerForOnnxRuntime",
+    "LowerForTensorRT",
+    "LowerIntegerMatMul",
+    "LowerToMatMulNBits",
+    "QuantizeDynamicPerToken",
+    "RoundToNearest",
+    "SmoothQuant",
+]

@@ -69,8 +69,10 @@ class InsertQDQ(ir.passes.InPlacePass):
         activations: QuantScheme = ACTIVATION_UINT8,
         op_types=QUANTIZABLE_OPS,
         exclude: frozenset[str] = frozenset(),
+        computed_weights: bool = True,
     ):
         super().__init__()
+        self.computed_weights = computed_weights  # False: MatMul/Gemm of two activations stay float
         self.context = context
         self.weights = weights
         self.activations = activations
@@ -105,6 +107,8 @@ class InsertQDQ(ir.passes.InPlacePass):
             weight = node.inputs[rule.weight]
             if constant(weight) is None and node.op_type not in ("MatMul", "Gemm"):
                 logger.warning("%s %s: weight is computed, left in float", node.op_type, node.name)
+                return False
+            if constant(weight) is None and not self.computed_weights:
                 return False
             if constant(weight) is None:
                 float_inputs.append(weight)

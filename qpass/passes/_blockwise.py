@@ -1,0 +1,196 @@
+"""Group-wise (blockwise) weight quantization shared by the weight-only passes.
+
+A MatMul weight W is [K, N] (y = x @ W). Its quantized form is the opset-21 blockwise
+DequantizeLinear: q [K, N] int4/uint4, scale [ceil(K/g), N] float32 and zero point (same shape,
+same type as q; absent when symmetric int4), axis 0, block_size g. Input channels k of one
+output channel n share a scale when k // g is equal. `com.microsoft.MatMulNBits` stores the same
+numbers transposed and packed (see `pack_matmulnbits`).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.passes._graph import constant, initializer, is_op
+from qpass.schemes import QuantScheme
+
+WEIGHT_OPSET = 21
+"""INT4/UINT4 and blockwise scales in DequantizeLinear need opset 21."""
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def grouped(scheme: QuantScheme, k: int) -> int:
+    """The scheme's group size for a weight with `k` input channels (per channel: all of k)."""
+    return scheme.group_size or k
+
+
+def group_ranges(w: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of W [K, N] over each group of g input channels: two [ceil(K/g), N] arrays."""
+    k, n = w.shape
+    blocks = -(-k // g)
+    padded = np.full((blocks * g, n), np.nan, w.dtype)
+    padded[:k] = w
+    padded = padded.reshape(blocks, g, n)
+    return np.nanmin(padded, axis=1), np.nanmax(padded, axis=1)
+
+
+def quantize_rtn(
+    w: np.ndarray, scheme: QuantScheme
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest group-wise quantization of W [K, N]: (q [K, N], scale, zero point)."""
+    g = grouped(scheme, w.shape[0])
+    scale, zero = scheme.scale_zero_point(*group_ranges(w, g))
+    rows = np.arange(w.shape[0]) // g
+    return scheme.quantize(w, scale[rows], zero[rows]), scale, zero
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int) -> np.ndarray:
+    """Numpy reference of blockwise DequantizeLinear on axis 0, in float32 like ONNX Runtime."""
+    rows = np.arange(q.shape[0]) // g
+    shifted = q.astype(np.int32) - (0 if zero is None else zero.astype(np.int32)[rows])
+    return shifted.astype(np.float32) * scale[rows]
+
+
+def weight_matmuls(
+    graph: ir.Graph, exclude: frozenset[str] = frozenset(), lm_head: bool = False
+) -> list[ir.Node]:
+    """MatMuls with a constant float 2-D weight [K, N], in graph order, minus the excluded ones.
+
+    The final projection (module path ending in lm_head, or a MatMul writing a graph output) is
+    left out unless `lm_head` is true; embeddings are Gathers and never match.
+    """
+    found = []
+    for node in graph:
+        if not is_op(node, "MatMul") or node.name in exclude or module_path(node) in exclude:
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight.dtype != ir.DataType.FLOAT or constant(weight) is None:
+            continue
+        if weight.shape is None or len(weight.shape) != 2:
+            continue
+        if not lm_head and _is_lm_head(node):
+            continue
+        found.append(node)
+    return found
+
+
+def module_path(node: ir.Node) -> str:
+    """The torch module path of a captured node ("model.layers.0.mlp.up_proj"), or ""."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return ""
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return ""
+    return names[-2] if len(names) >= 2 else ""
+
+
+def block_index(node: ir.Node) -> int | None:
+    """The transformer block a captured node belongs to (`layers.N` in its module path)."""
+    match = _BLOCK_INDEX.search(module_path(node))
+    return int(match.group(1)) if match else None
+
+
+def _is_lm_head(node: ir.Node) -> bool:
+    return module_path(node).endswith("lm_head") or node.outputs[0].is_graph_output()
+
+
+def replace_weight(
+    graph: ir.Graph,
+    matmul: ir.Node,
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    scheme: QuantScheme,
+) -> ir.Node:
+    """Read the MatMul's weight through DequantizeLinear(q, scale, zero point; axis 0, block g)."""
+    old = matmul.inputs[1]
+    base = matmul.name or old.name or "weight"
+    g = grouped(scheme, q.shape[0])
+    inputs = [
+        initializer(graph, f"{base}.weight_q", q),
+        initializer(graph, f"{base}.weight_scale", scale.astype(np.float32)),
+    ]
+    if not (scheme.symmetric and scheme.dtype == "int4"):  # int4 symmetric: zero point 0
+        inputs.append(initializer(graph, f"{base}.weight_zero_point", zero))
+    dq = ir.node(
+        "DequantizeLinear", inputs, {"axis": 0, "block_size": g}, name=f"{base}.weight_dq"
+    )
+    dq.outputs[0].name = f"{base}.weight_dequantized"
+    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(q.shape)
+    graph.insert_before(matmul, dq)
+    matmul.replace_input_with(1, dq.outputs[0])
+    if old.is_initializer() and not old.uses() and not old.is_graph_output():
+        graph.initializers.pop(old.name)
+    return dq
+
+
+def ensure_weight_opset(model: ir.Model) -> None:
+    """Raise the model to opset 21 (INT4 and blockwise DequantizeLinear) if it is below."""
+    from qpass.capture import _raise_opset
+
+    _raise_opset(model, WEIGHT_OPSET)
+
+
+# -------------------------------------------------------------- com.microsoft.MatMulNBits layout
+
+
+def pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """Pack 4-bit values (last axis, even length) two per byte, the first in the low nibble."""
+    u = u.astype(np.uint8)
+    return (u[..., 0::2] & 0x0F) | ((u[..., 1::2] & 0x0F) << 4)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_nibbles`: [..., m] uint8 -> [..., 2m] values 0..15."""
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+def pack_matmulnbits(
+    q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Blockwise (q [K, N], scale [nb, N], zero [nb, N]) -> MatMulNBits (B, scales, zero_points).
+
+    B is uint8 [N, nb, g/2] (the last block zero-padded), scales float32 [N, nb], zero points
+    uint8 [N, ceil(nb/2)] packed like B, or None where they are all 8 (the op's default).
+    Signed int4 values and zero points move to uint4 by adding 8: (q + 8) - (z + 8) = q - z.
+    """
+    k, n = q.shape
+    nb = -(-k // g)
+    offset = 8 if _signed(q) else 0
+    u = np.zeros((n, nb * g), np.uint8)
+    u[:, :k] = (q.astype(np.int32) + offset).T
+    b = pack_nibbles(u.reshape(n, nb, g))
+    z = np.zeros((nb, n), np.int32) if zero is None else zero.astype(np.int32)
+    z = (z + offset).T  # [N, nb]
+    if (z == 8).all():
+        return b, np.ascontiguousarray(scale.T, np.float32), None
+    if nb % 2:
+        z = np.concatenate([z, np.zeros((n, 1), np.int32)], axis=1)
+    return b, np.ascontiguousarray(scale.T, np.float32), pack_nibbles(z)
+
+
+def unpack_matmulnbits(
+    b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of `pack_matmulnbits`, in uint4 terms: (u [K, N], scale [nb, N], zero [nb, N])."""
+    n, nb, _ = b.shape
+    u = unpack_nibbles(b).reshape(n, -1)[:, :k].T
+    if zero_points is None:
+        z = np.full((nb, n), 8, np.uint8)
+    else:
+        z = unpack_nibbles(zero_points.reshape(n, -1))[:, :nb].T
+    return u, scales.T, z
+
+
+def _signed(q: np.ndarray) -> bool:
+    return np.dtype(q.dtype).name == "int4" or np.issubdtype(q.dtype, np.signedinteger)

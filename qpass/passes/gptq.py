@@ -1,0 +1,168 @@
+"""GPTQ: group-wise 4-bit weights that compensate each rounding error in the columns not yet
+quantized, using second-order statistics of the layer's inputs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from threadpoolctl import threadpool_limits
+
+from qpass.calibration import Context
+from qpass.passes._blockwise import (
+    block_index,
+    ensure_weight_opset,
+    group_ranges,
+    grouped,
+    replace_weight,
+    weight_matmuls,
+)
+from qpass.passes._graph import constant
+from qpass.passes.rtn import WEIGHT_UINT4_G128
+from qpass.schemes import QuantScheme
+
+logger = logging.getLogger(__name__)
+
+
+class GPTQSolver:
+    """GPTQ for one layer input: H = 2/n Σ x xᵀ streamed by `add_batch`, then `quantize`.
+
+    Works on Wᵀ [N, K] like the paper (rows = output channels, columns = input channels): the
+    columns are quantized one at a time, and the error of column i, divided by [H⁻¹]ᵢᵢ, is
+    spread over the remaining columns along row i of the Cholesky factor of H⁻¹ (Alg. 1).
+    """
+
+    def __init__(self, columns: int):
+        self.xtx = np.zeros((columns, columns))
+        self.rows = 0
+
+    def add_batch(self, x: np.ndarray) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.xtx += (x.T @ x).astype(np.float64)
+        self.rows += len(x)
+
+    def quantize(
+        self,
+        w: np.ndarray,
+        scheme: QuantScheme,
+        *,
+        block_size: int = 128,
+        damp: float = 0.01,
+        act_order: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Quantize W [K, N] (y = x @ W): (q [K, N], scale [nb, N], zero point [nb, N])."""
+        # OpenBLAS's threads make LAPACK 5-20x slower on small shared machines; one is enough.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._quantize(w, scheme, block_size, damp, act_order)
+
+    def _quantize(self, w, scheme, block_size, damp, act_order):
+        W = w.T.astype(np.float64)
+        n, k = W.shape
+        g = grouped(scheme, k)
+        H = 2 * self.xtx / max(self.rows, 1)
+        dead = np.diag(H) == 0
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        # Group parameters from W; without act_order each group's are set again from the
+        # updated weights when its first column comes (with act_order, groups stay static).
+        scale, zero = scheme.scale_zero_point(*group_ranges(W.T, g))
+        perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(k)
+        W, H = W[:, perm], H[np.ix_(perm, perm)]
+        H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+        U = np.linalg.cholesky(np.linalg.inv(H)).T  # H⁻¹ = UᵀU, U upper triangular
+        q = np.zeros((n, k), np.int32)
+        step = max(block_size // g, 1) * g if not act_order else block_size  # groups in one block
+        for i1 in range(0, k, step):
+            i2 = min(i1 + step, k)
+            W1, E1, U1 = W[:, i1:i2].copy(), np.zeros((n, i2 - i1)), U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = perm[i1 + i] // g
+                if not act_order and (i1 + i) % g == 0:
+                    span = W1[:, i : i + g]
+                    scale[j], zero[j] = scheme.scale_zero_point(span.min(1), span.max(1))
+                column = scheme.quantize(W1[:, i], scale[j], zero[j]).astype(np.int32)
+                dequantized = (column - zero[j].astype(np.int32)).astype(np.float32) * scale[j]
+                E1[:, i] = (W1[:, i] - dequantized) / U1[i, i]
+                W1[:, i:] -= np.outer(E1[:, i], U1[i, i:])
+                q[:, i1 + i] = column
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        q = q[:, np.argsort(perm)].T
+        return q.astype(scheme.np_dtype), scale, zero
+
+
+class GPTQ(ir.passes.InPlacePass):
+    """Quantize MatMul weights with GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training
+    Quantization for Generative Pre-trained Transformers"), group-wise, weight-only.
+
+    Rewrite rules, for each MatMul with a constant float weight W [K, N] that is not excluded:
+
+    1. The model's opset is raised to 21 if it is lower.
+    2. MatMuls are quantized stage by stage in graph order: a stage is one transformer block (the
+       `layers.N` of the captured torch module path) or, without that metadata or with
+       `sequential="layer"`, the MatMuls that read one tensor. Stage k's inputs are computed by the
+       graph whose earlier stages are already quantized (rule 3), so later layers see and
+       compensate the error of earlier ones.
+    3. For each MatMul input x of the stage, H = 2/n Σ xxᵀ is accumulated batch by batch over the
+       calibration set (only the graph up to the stage runs; memory: one K x K matrix per input).
+    4. MatMul(x, W)  ==>  MatMul(x, DequantizeLinear(q, s, z; axis=0, block_size=g)) where q comes
+       from GPTQ on H + λI (λ = `damp` x mean diag H), in lazy blocks of `block_size` columns,
+       optionally in order of decreasing diag H (`act_order`, with groups fixed in the original
+       order so that the blockwise export holds); s and z are the scheme's, per group, from the
+       weights as updated when the group's first column comes (from W itself with act_order).
+    5. The final projection stays in float unless `lm_head=True`.
+    """
+
+    def __init__(
+        self,
+        context: Context | None = None,
+        *,
+        weights: QuantScheme = WEIGHT_UINT4_G128,
+        exclude: frozenset[str] = frozenset(),
+        lm_head: bool = False,
+        block_size: int = 128,
+        damp: float = 0.01,
+        act_order: bool = False,
+        sequential: str = "block",
+    ):
+        super().__init__()
+        if sequential not in ("block", "layer"):
+            raise ValueError(f"sequential must be 'block' or 'layer', not {sequential!r}")
+        self.context = context
+        self.weights = weights
+        self.exclude = frozenset(exclude)
+        self.lm_head = lm_head
+        self.options = {"block_size": block_size, "damp": damp, "act_order": act_order}
+        self.sequential = sequential
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not weight_matmuls(model.graph, self.exclude, self.lm_head):
+            return ir.passes.PassResult(model, modified=False)
+        if self.context is None:
+            raise ValueError("GPTQ needs calibration data (a Context)")
+        ensure_weight_opset(model)
+        stages = self._stages(weight_matmuls(model.graph, self.exclude, self.lm_head))
+        for index, stage in enumerate(stages):
+            self._quantize_stage(model, stage, f"GPTQ stage {index + 1}/{len(stages)}")
+        count = sum(map(len, stages))
+        logger.info("GPTQ quantized %d MatMul weights in %d stages", count, len(stages))
+        return ir.passes.PassResult(model, modified=True)
+
+    def _stages(self, targets: list[ir.Node]) -> list[list[ir.Node]]:
+        stages: dict[tuple, list[ir.Node]] = {}
+        for node in targets:
+            block = block_index(node) if self.sequential == "block" else None
+            key = ("block", block) if block is not None else ("input", node.inputs[0].name)
+            stages.setdefault(key, []).append(node)
+        return list(stages.values())
+
+    def _quantize_stage(self, model: ir.Model, stage: list[ir.Node], description: str) -> None:
+        names = list(dict.fromkeys(node.inputs[0].name for node in stage))
+        solvers: dict[str, GPTQSolver] = {}
+        for outputs in self.context.run(model, names, description, only=True):
+            for name, x in outputs.items():
+                solvers.setdefault(name, GPTQSolver(x.shape[-1])).add_batch(x)
+        for node in stage:
+            solver = solvers[node.inputs[0].name]
+            q, scale, zero = solver.quantize(constant(node.inputs[1]), self.weights, **self.options)
+            replace_weight(model.graph, node, q, scale, zero, self.weights)

@@ -1,0 +1,105 @@
+"""Lower blockwise 4-bit DequantizeLinear -> MatMul to ONNX Runtime's com.microsoft.MatMulNBits."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.passes._blockwise import pack_matmulnbits
+from qpass.passes._graph import attribute, constant, initializer, is_op
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+_FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
+
+
+class LowerToMatMulNBits(ir.passes.InPlacePass):
+    """Replace weight-only 4-bit MatMuls by `com.microsoft.MatMulNBits` (ONNX Runtime contrib op).
+
+    Rewrite rule:
+
+    1. MatMul(x, DequantizeLinear(q [K, N] int4/uint4 constant, s [K/g, N], z; axis=0,
+       block_size=g))  ==>  MatMulNBits(x, B, s', z'; K, N, bits=4, block_size=g,
+       accuracy_level), with B = q + 8 (int4) or q (uint4), transposed to [N, K/g, g/2] uint8,
+       two values per byte, the first in the low nibble; s' = sᵀ [N, K/g]; z' the zero points
+       packed the same way, or left out when all are 8 (the op's default).
+
+    The rule fires for g a power of two >= 16 (the op's requirement) and a DequantizeLinear read
+    by MatMuls only. MatMulNBits dequantizes exactly as DequantizeLinear does ((q - z) x s in
+    float32), so both forms compute the same weights. `accuracy_level` 0 (default) keeps fp32
+    activations; 4 quantizes them to int8 per block at run time (faster, less exact).
+    """
+
+    def __init__(self, accuracy_level: int = 0):
+        super().__init__()
+        self.accuracy_level = accuracy_level
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        lowered = 0
+        for node in list(model.graph):
+            if self._is_lowerable(node):
+                lowered += self._lower(model.graph, node)
+        if lowered:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            logger.info("lowered %d MatMuls to MatMulNBits", lowered)
+        return ir.passes.PassResult(model, modified=lowered > 0)
+
+    def _is_lowerable(self, dq: ir.Node) -> bool:
+        if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in _FOUR_BIT:
+            return False
+        q = constant(dq.inputs[0])
+        g = attribute(dq, "block_size", 0)
+        if q is None or q.ndim != 2 or attribute(dq, "axis", 1) != 0:
+            return False
+        if g < 16 or g & (g - 1) or constant(dq.inputs[1]) is None:
+            return False
+        if len(dq.inputs) > 2 and dq.inputs[2] is not None and constant(dq.inputs[2]) is None:
+            return False
+        readers = dq.outputs[0].uses()
+        return (
+            bool(readers)
+            and not dq.outputs[0].is_graph_output()
+            and all(is_op(use.node, "MatMul") and use.idx == 1 for use in readers)
+        )
+
+    def _lower(self, graph: ir.Graph, dq: ir.Node) -> int:
+        q, scale = constant(dq.inputs[0]), constant(dq.inputs[1])
+        zero = constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+        g = attribute(dq, "block_size", 0)
+        k, n = q.shape
+        b, scales, zero_points = pack_matmulnbits(q, scale, zero, g)
+        base = dq.name.removesuffix(".weight_dq") if dq.name else dq.inputs[0].name
+        inputs = [
+            initializer(graph, f"{base}.B", b),
+            initializer(graph, f"{base}.scales", scales.astype(np.float32)),
+        ]
+        if zero_points is not None:
+            inputs.append(initializer(graph, f"{base}.zero_points", zero_points))
+        attrs = {"K": k, "N": n, "bits": 4, "block_size": g}
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        matmuls = [use.node for use in dq.outputs[0].uses()]
+        for matmul in matmuls:
+            fused = ir.node(
+                "MatMulNBits", [matmul.inputs[0], *inputs], attrs, domain=MS_DOMAIN,
+                name=matmul.name,
+            )
+            graph.insert_before(matmul, fused)
+            out = matmul.outputs[0]
+            if out.dtype is not None:
+                fused.outputs[0].dtype, fused.outputs[0].shape = out.dtype, out.shape
+            ir.convenience.replace_all_uses_with(out, fused.outputs[0], replace_graph_outputs=True)
+            name = out.name
+            graph.remove(matmul, safe=True)
+            out.name = None
+            fused.outputs[0].name = name
+            fused.metadata_props.update(matmul.metadata_props)
+        dead = [v for v in dq.inputs if v is not None]
+        graph.remove(dq, safe=True)
+        for value in dead:
+            if value.is_initializer() and not value.uses() and not value.is_graph_output():
+                graph.initializers.pop(value.name)
+        return len(matmuls)

@@ -1,0 +1,253 @@
+"""SmoothQuant: migrate activation outliers into the weights of MatMul/Gemm layers."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.calibration import Context, MinMaxObserver
+from qpass.passes._graph import attribute, constant, initializer, is_op, set_constant
+from qpass.schemes import ACTIVATION_UINT8, WEIGHT_INT8, QuantScheme
+
+logger = logging.getLogger(__name__)
+
+SMOOTHQUANT_MULS = "qpass.smoothquant_muls"
+"""`model.meta` list of the activations that got an explicit Mul(1/s) because no producer could
+absorb the smoothing factors (one line per activation)."""
+
+ALPHA_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
+_MAX_ROWS = 256  # activation rows kept per tensor for the auto-alpha search
+
+
+class SmoothQuant(ir.passes.InPlacePass):
+    """Divide each input channel of a MatMul/Gemm's activation by s_j and multiply the weight's
+    row j by s_j (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training
+    Quantization for Large Language Models", eq. 4): s_j = max|X_j|^alpha / max|W_j|^(1-alpha).
+
+    Rewrite rules, for each activation X read (as input A) by MatMul/Gemm ops with a constant
+    2-D weight, not excluded (the group, e.g. q, k and v of one attention):
+
+    1. max|X_j| comes from a per-channel min-max observer on the calibration data; max|W_j| is
+       taken over the rows j of every weight in the group, so one s serves them all.
+    2. alpha is the given one, or (alpha=None) the value in `alphas` minimizing the summed squared
+       output error of the group's layers quantized with `activations` (per-tensor, range from
+       the observed channel extrema / s) or per token (`per_token=True`) and `weights`, on up
+       to 1024 sampled rows of X.
+    3. Each weight W becomes diag(s) W (Gemm with transB: W diag(s)).
+    4. 1/s is folded into the producer of X when X has no other reader: a LayerNormalization's
+       scale and bias, or the output columns (and bias) of a MatMul/Gemm (+ constant Add).
+    5. Otherwise X -> Mul(X, 1/s) -> group, logged and listed in model.meta[SMOOTHQUANT_MULS].
+
+    Before quantization the float function is unchanged (up to float rounding).
+    """
+
+    def __init__(
+        self,
+        context: Context | None = None,
+        *,
+        alpha: float | None = 0.5,
+        alphas: tuple[float, ...] = ALPHA_GRID,
+        activations: QuantScheme = ACTIVATION_UINT8,
+        weights: QuantScheme = WEIGHT_INT8,
+        per_token: bool = False,
+        exclude: frozenset[str] = frozenset(),
+    ):
+        super().__init__()
+        self.context = context
+        self.alpha = alpha
+        self.alphas = tuple(alphas)
+        self.activations = activations
+        self.weights = weights
+        self.per_token = per_token
+        self.exclude = frozenset(exclude)
+        self.chosen: dict[str, float] = {}
+        """alpha used per smoothed activation (after the pass ran)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.context is None:
+            raise ValueError("SmoothQuant needs a calibration Context (qpass.compile supplies one)")
+        groups = self._groups(model.graph)
+        if not groups:
+            return ir.passes.PassResult(model, modified=False)
+        names = [g[0].inputs[0].name for g in groups]
+        stats = self.context.observe(model, names, lambda _: _ChannelStats(), "smoothquant stats")
+        muls = []
+        for group in groups:
+            x = group[0].inputs[0]
+            s = self._factors(group, stats[x.name])
+            for node in group:
+                _scale_weight_rows(model.graph, node, s)
+            if not _try_absorb_into_producer(model.graph, x, group, 1.0 / s):
+                _insert_mul(model.graph, x, group, 1.0 / s)
+                muls.append(f"{x.name} -> {', '.join(n.name for n in group)}")
+        model.meta[SMOOTHQUANT_MULS] = muls
+        if muls:
+            logger.info(
+                "SmoothQuant inserted %d Mul nodes (no producer could absorb 1/s)", len(muls)
+            )
+        logger.info("SmoothQuant smoothed %d activations", len(groups))
+        return ir.passes.PassResult(model, modified=True)
+
+    def _groups(self, graph: ir.Graph) -> list[list[ir.Node]]:
+        """MatMul/Gemm nodes with a constant 2-D weight, grouped by the activation they read."""
+        groups: dict[int, list[ir.Node]] = {}
+        for node in graph:
+            if node.name in self.exclude or not _has_smoothable_weight(node):
+                continue
+            groups.setdefault(id(node.inputs[0]), []).append(node)
+        return list(groups.values())
+
+    def _factors(self, group: list[ir.Node], stats: _ChannelStats) -> np.ndarray:
+        x_max = np.maximum(np.abs(stats.minmax.low), np.abs(stats.minmax.high)).astype(np.float64)
+        w_max = np.max([np.abs(_rows(n)).max(axis=1) for n in group], axis=0).astype(np.float64)
+        alphas = (self.alpha,) if self.alpha is not None else self.alphas
+        best, best_error = None, np.inf
+        x = stats.rows() if len(alphas) > 1 else None
+        references = (
+            {id(n): x @ _rows(n).astype(np.float32) for n in group} if x is not None else {}
+        )
+        for alpha in alphas:
+            s = _smoothing_factors(x_max, w_max, alpha)
+            if len(alphas) == 1:
+                best = s
+                break
+            error = sum(self._layer_error(n, stats, x, references[id(n)], s) for n in group)
+            if error < best_error:
+                best, best_error = s, error
+                self.chosen[group[0].inputs[0].name] = alpha
+        if self.alpha is not None:
+            self.chosen[group[0].inputs[0].name] = self.alpha
+        return best
+
+    def _layer_error(self, node, stats: _ChannelStats, x, reference, s: np.ndarray) -> float:
+        """Squared error of the W8A8 layer output after smoothing by s, on the sampled rows x."""
+        w = _rows(node).astype(np.float32)
+        s = s.astype(np.float32)
+        xs, ws = x / s, w * s[:, None]
+        if self.per_token:
+            xq = _fake_quant_per_token(xs)
+        else:
+            low, high = np.min(stats.minmax.low / s), np.max(stats.minmax.high / s)
+            scale, zero = self.activations.scale_zero_point(low, high)
+            q = self.activations.quantize(xs, scale, zero).astype(np.float32)
+            xq = (q - zero) * scale
+        w_scale = np.maximum(np.abs(ws).max(axis=0), 1e-30) / 127.0
+        wq = np.rint(ws / w_scale) * w_scale  # |ws / w_scale| <= 127 by construction
+        return float(np.sum((reference - xq @ wq.astype(np.float32)) ** 2, dtype=np.float64))
+
+
+class _ChannelStats:
+    """Per-channel min/max along the last axis, plus a systematic sample of rows."""
+
+    def __init__(self):
+        self.minmax = MinMaxObserver(axis=-1)
+        self.samples: list[np.ndarray] = []
+        self.kept = 0
+
+    def update(self, x: np.ndarray) -> None:
+        self.minmax.update(x)
+        if self.kept < _MAX_ROWS:
+            rows = x.reshape(-1, x.shape[-1])
+            rows = rows[:: max(1, len(rows) // 64)][: _MAX_ROWS - self.kept]
+            self.samples.append(rows.astype(np.float32))
+            self.kept += len(rows)
+
+    def rows(self) -> np.ndarray:
+        return np.concatenate(self.samples)
+
+
+def _smoothing_factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha); 1 where a channel is all zero."""
+    usable = (x_max > 0) & (w_max > 0)
+    s = np.ones_like(x_max)
+    s[usable] = x_max[usable] ** alpha / w_max[usable] ** (1.0 - alpha)
+    return np.clip(s, 1e-5, 1e5)
+
+
+def _fake_quant_per_token(x: np.ndarray) -> np.ndarray:
+    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-30) / 127.0
+    return np.clip(np.rint(x / scale), -127, 127) * scale
+
+
+def _has_smoothable_weight(node: ir.Node) -> bool:
+    if is_op(node, "MatMul"):
+        weight = constant(node.inputs[1])
+        return weight is not None and weight.ndim == 2 and _is_float(node.inputs[0])
+    if is_op(node, "Gemm") and not attribute(node, "transA", 0):
+        return constant(node.inputs[1]) is not None and _is_float(node.inputs[0])
+    return False
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return (
+        value is not None and value.dtype in (ir.DataType.FLOAT, None) and constant(value) is None
+    )
+
+
+def _rows(node: ir.Node) -> np.ndarray:
+    """The weight as [input channels, output channels]."""
+    weight = constant(node.inputs[1])
+    return weight.T if is_op(node, "Gemm") and attribute(node, "transB", 0) else weight
+
+
+def _scale_weight_rows(graph: ir.Graph, node: ir.Node, s: np.ndarray) -> None:
+    weight = constant(node.inputs[1])
+    transposed = is_op(node, "Gemm") and attribute(node, "transB", 0)
+    scaled = weight.astype(np.float64) * (s[None, :] if transposed else s[:, None])
+    node.replace_input_with(1, set_constant(graph, node.inputs[1], scaled.astype(weight.dtype)))
+
+
+def _try_absorb_into_producer(
+    graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.ndarray
+) -> bool:
+    """Fold diag(1/s) into the producer of x; False if x has other readers or no such producer."""
+    readers = {id(n) for n in group}
+    if x.is_graph_output() or any(id(u.node) not in readers for u in x.uses()):
+        return False
+    producer = x.producer()
+    if _is_layernorm_with_constant_affine(producer):
+        for i in (1, 2):
+            if len(producer.inputs) > i and producer.inputs[i] is not None:
+                value = constant(producer.inputs[i]).astype(np.float64)
+                producer.replace_input_with(
+                    i, set_constant(graph, producer.inputs[i], (value * inverse).astype(np.float32))
+                )
+        return True
+    bias = None
+    if is_op(producer, "Add") and constant(producer.inputs[1]) is not None:
+        bias, producer = producer, producer.inputs[0].producer()
+        if len(bias.inputs[0].uses()) != 1 or constant(bias.inputs[1]).shape[-1:] != inverse.shape:
+            return False
+    if not _has_smoothable_weight(producer) or is_op(producer, "Gemm"):
+        return False
+    _scale_weight_columns(graph, producer, inverse)
+    if bias is not None:
+        value = constant(bias.inputs[1])
+        scaled = (value.astype(np.float64) * inverse).astype(value.dtype)
+        bias.replace_input_with(1, set_constant(graph, bias.inputs[1], scaled))
+    return True
+
+
+def _is_layernorm_with_constant_affine(node: ir.Node | None) -> bool:
+    if not is_op(node, "LayerNormalization") or attribute(node, "axis", -1) != -1:
+        return False
+    return all(constant(v) is not None for v in node.inputs[1:] if v is not None)
+
+
+def _scale_weight_columns(graph: ir.Graph, node: ir.Node, factors: np.ndarray) -> None:
+    weight = constant(node.inputs[1])
+    scaled = (weight.astype(np.float64) * factors[None, :]).astype(weight.dtype)
+    node.replace_input_with(1, set_constant(graph, node.inputs[1], scaled))
+
+
+def _insert_mul(graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.ndarray) -> None:
+    factors = initializer(graph, f"{x.name}_smooth", inverse.astype(np.float32))
+    mul = ir.node("Mul", [x, factors], name=f"{x.name}_SmoothQuant")
+    mul.outputs[0].name = f"{x.name}_smoothed"
+    mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
+    graph.insert_before(group[0], mul)
+    for node in group:
+        node.replace_input_with(0, mul.outputs[0])
+    logger.info("SmoothQuant: %s has no producer that absorbs 1/s; inserted %s", x.name, mul.name)
