@@ -27,7 +27,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 class CompiledModel:
     """A compiled model: the IR, a file writer, an ONNX Runtime session and a report."""
 
-    def __init__(self, model: ir.Model, float_model: bytes, context: Context | None):
+    def __init__(self, model: ir.Model, float_model: bytes | None, context: Context | None):
         self.model = model
         self.float_model = float_model
         self.context = context
@@ -65,6 +65,8 @@ class CompiledModel:
 
         if self.context is None:
             raise CalibrationError("a report needs calibration data: compile with calibration=...")
+        if self.float_model is None:
+            raise QpassError("a report needs the float model: compile with keep_float=True")
         return Report.measure(self.float_model, self.model, self.context)
 
 
@@ -80,6 +82,7 @@ def compile(
     exclude: list[str] | tuple[str, ...] = (),
     batch_size: int = 8,
     progress: bool = True,
+    keep_float: bool = True,
     **options: Any,
 ) -> CompiledModel:
     """Compile a float model into a quantized one.
@@ -98,6 +101,8 @@ def compile(
         calibrator: activation range method of the preset: minmax, percentile, entropy or mse.
         exclude: node names to leave in float.
         batch_size: calibration batch size (used when the model's batch dimension is dynamic).
+        keep_float: keep a serialized copy of the float model for `report()` (costs its size in
+            memory; the CLI keeps it only when a report is asked for).
         options: keyword options of the preset (w4a16-*: group_size, format, symmetric, ...).
     """
     if target not in TARGETS:
@@ -114,7 +119,7 @@ def compile(
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
-    float_model = ir.to_proto(model).SerializeToString()
+    float_model = ir.to_proto(model).SerializeToString() if keep_float else None
     context = None
     if calibration is not None:
         data = CalibrationData(calibration, model.graph, batch_size=batch_size)
