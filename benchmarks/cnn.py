@@ -12,6 +12,10 @@ ORT's histogram calibrators (Entropy, Percentile) fail when the last calibration
 than the others (microsoft/onnxruntime#18792); such a row is kept as an error and retried once as
 an extra row "[bN]" with the largest batch size N <= 8 that divides the calibration set.
 
+Per-tensor INT8 weights: ORT MinMax with per_channel=False, and qpass's `int8-tensor` preset
+without and with cross-layer equalization, high-bias absorption and bias correction (both from a
+second export that keeps BatchNormalization, whose statistics high-bias absorption reads).
+
 Latency: this machine's CPU time is noisy, so all rows of a model are timed in interleaved rounds
 and the table shows each row's best round median (all round medians are in the JSON).
 """
@@ -36,6 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = 8  # calibration batch size, for ORT and qpass alike
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
+# per-tensor INT8 weights (issue 3): ORT MinMax as the anchor; qpass without and with data-free
+# quantization (CLE + high-bias absorption + bias correction), both from an export that keeps
+# BatchNormalization (fp32_bn.onnx), whose statistics high-bias absorption reads
+PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
+                   ("qpass per-tensor", "qpass", "int8-tensor-plain"),
+                   ("qpass per-tensor CLE+BA+BC", "qpass", "int8-tensor"))
 KERNELS = ("QLinearConv", "QGemm", "QLinearAdd")
 # model -> (data loader name, calibration images, eval limit with --quick)
 MODELS = {"efficientnet_lite0": ("imagenet", 100, 200), "resnet20": ("cifar10", 200, 1000)}
@@ -78,19 +88,29 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         name = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0].name
         with np.load(calib) as npz:
             reader = _ort_reader(npz["input"], name, int(batch))
+        method, _, granularity = method.partition("-")  # "MinMax-tensor": per-tensor weights
         start = time.perf_counter()
         quantize_static(
-            model, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            model, out, reader, quant_format=QuantFormat.QDQ, per_channel=granularity != "tensor",
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod[method],
         )
         rc = 0
+    elif method == "int8-tensor-plain":  # per-tensor baseline: the preset without its DFQ passes
+        import qpass
+        from qpass.presets import int8_tensor
+
+        start = time.perf_counter()
+        qpass.compile(model, int8_tensor(data_free=False), calibration=calib,
+                      batch_size=int(batch), progress=False).save(out)
+        rc = 0
     else:
         from qpass import cli
 
-        argv = ["compile", model, "-o", out, "--preset", "int8", "--calib", calib, "-q",
+        preset = method if method.startswith("int8-") else "int8"
+        argv = ["compile", model, "-o", out, "--preset", preset, "--calib", calib, "-q",
                 "--batch-size", batch]
-        argv += [] if method == "default" else ["--calibrator", method]
+        argv += [] if method in ("default", preset) else ["--calibrator", method]
         start = time.perf_counter()
         rc = cli.main(argv)
     wall = time.perf_counter() - start
@@ -143,15 +163,16 @@ def load_data(model: str, quick: bool) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return calib, images, labels
 
 
-def export(model: str, example: np.ndarray, path: Path) -> Path:
-    """Export the reference torch model to ONNX (optimized), silencing the exporter's prints."""
+def export(model: str, example: np.ndarray, path: Path, optimize: bool = True) -> Path:
+    """Export the reference torch model to ONNX (optimized: BatchNorm folded by the exporter),
+    silencing the exporter's prints."""
     import torch
 
     from benchmarks import models
 
     module = getattr(models, model)()
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        return models.export_onnx(module, torch.from_numpy(example), path, optimize=True)
+        return models.export_onnx(module, torch.from_numpy(example), path, optimize=optimize)
 
 
 def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -202,13 +223,14 @@ def bench_row(model: str, label: str, tool: str, method: str | None, batch: int,
     """Compile (in a worker) unless FP32, then measure top-1 and the fused kernels of one row."""
     fp32 = folder / "fp32.onnx"
     path = fp32 if tool == "fp32" else folder / f"{tool}_{method}_b{batch}.onnx"
+    source = folder / "fp32_bn.onnx" if method and method.startswith("int8-tensor") else fp32
     row = {"model": model, "row": label, "tool": tool, "method": method, "calib_batch": batch,
            "n_eval": len(images), "path": str(path)}
     if tool == "qpass":  # qpass is edited while benchmarks run: name the tree each row used
         row["qpass_source_sha256"] = source_digest()
     if tool != "fp32":
         log(f"{model}: compiling {label}")
-        row.update(run_worker(tool, method, batch, fp32, folder / "calib.npz", path))
+        row.update(run_worker(tool, method, batch, source, folder / "calib.npz", path))
     if "error" in row:
         log(f"{model}: {label} FAILED: {row['error'].splitlines()[-1]}")
         return row
@@ -229,10 +251,12 @@ def bench_model(model: str, work: Path, quick: bool) -> list[dict]:
     np.savez(calib_path, input=calib)
     log(f"{model}: exporting ONNX ({len(calib)} calibration, {len(images)} evaluation images)")
     export(model, calib[:2], fp32)
+    export(model, calib[:2], folder / "fp32_bn.onnx", optimize=False)
 
     specs = [("FP32", "fp32", None)]
     specs += [(f"ORT {m}", "ort", m) for m in ORT_METHODS]
     specs += [("qpass" if m == "default" else f"qpass {m}", "qpass", m) for m in QPASS_METHODS]
+    specs += list(PER_TENSOR_ROWS)
     fallback = max(b for b in range(1, BATCH + 1) if len(calib) % b == 0)
     rows = []
     for label, tool, method in specs:

@@ -99,7 +99,7 @@ def _compile(args) -> int:
             batch_size=args.batch_size,
             target=args.target,
             progress=not args.quiet,
-            keep_float=args.report is not None,
+            keep_reference=args.report is not None,
             **{k: v for k, v in options.items() if v is not None},
         )
     except qpass.LintError as e:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
@@ -66,7 +67,7 @@ class CompiledModel:
         if self.context is None:
             raise CalibrationError("a report needs calibration data: compile with calibration=...")
         if self.float_model is None:
-            raise QpassError("a report needs the float model: compile with keep_float=True")
+            raise QpassError("a report needs the float model: compile with keep_reference=True")
         return Report.measure(self.float_model, self.model, self.context)
 
 
@@ -82,7 +83,7 @@ def compile(
     exclude: list[str] | tuple[str, ...] = (),
     batch_size: int = 8,
     progress: bool = True,
-    keep_float: bool = True,
+    keep_reference: bool = True,
     **options: Any,
 ) -> CompiledModel:
     """Compile a float model into a quantized one.
@@ -101,7 +102,7 @@ def compile(
         calibrator: activation range method of the preset: minmax, percentile, entropy or mse.
         exclude: node names to leave in float.
         batch_size: calibration batch size (used when the model's batch dimension is dynamic).
-        keep_float: keep a serialized copy of the float model for `report()` (costs its size in
+        keep_reference: keep a serialized copy of the float model for `report()` (costs its size in
             memory; the CLI keeps it only when a report is asked for).
         options: keyword options of the preset (w4a16-*: group_size, format, symmetric, ...).
     """
@@ -119,7 +120,7 @@ def compile(
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
-    float_model = ir.to_proto(model).SerializeToString() if keep_float else None
+    float_model = ir.to_proto(model).SerializeToString() if keep_reference else None
     context = None
     if calibration is not None:
         data = CalibrationData(calibration, model.graph, batch_size=batch_size)
@@ -134,6 +135,7 @@ def compile(
             p.context = context
     for p in passes:
         model = p(model).model
+    RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
     compiled = CompiledModel(model, float_model, context)
     if target == "tensorrt":
         compiled.findings = _lint_for_tensorrt(model, None if explicit_passes else preset)

@@ -178,8 +178,6 @@ def w8a8_smoothquant(
     LayerNorm and residual Adds stay float); ORT runs them as MatMulIntegerToFloat.
     `keep_float=N` leaves the N layers most sensitive to quantization (on the calibration
     data, after smoothing) in float."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
     from qpass.passes.smoothquant import SmoothQuant
 
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
@@ -200,7 +198,6 @@ def w8a8_smoothquant(
         insert,
         FuseRequant(),
         LowerForOnnxRuntime(),
-        RemoveUnusedNodesPass(),
     ]
 
 
@@ -224,8 +221,6 @@ def w8a8_dynamic(
     time) and S8 symmetric per-channel weights; `smooth=True` runs SmoothQuant first (needs
     calibration data). Lowered to ORT's MatMulIntegerToFloat. `calibrator` is unused.
     `keep_float=N` leaves the N most sensitive layers in float (needs calibration data)."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
     from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
     from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
     from qpass.passes.smoothquant import SmoothQuant
@@ -242,7 +237,6 @@ def w8a8_dynamic(
         *_keep_sensitive_float(dynamic, quantize, exclude, keep_float),
         dynamic,
         LowerIntegerMatMul(),
-        RemoveUnusedNodesPass(),
     ]
 
 

@@ -158,6 +158,8 @@ def test_saved_model_passes_the_checker_and_runs(tiny_model, tiny_calibration, t
     compiled = qpass.compile(tiny_model, calibration=tiny_calibration, progress=False)
     path = compiled.save(tmp_path / "q.onnx")
     onnx.checker.check_model(onnx.load(path), full_check=True)
+    unused = [v.name for v in compiled.model.graph.initializers.values() if not v.uses()]
+    assert not unused  # the float weights replaced by int8 copies are gone
     x = tiny_calibration["input"][:3]
     np.testing.assert_array_equal(
         rt.session(path).run(None, {"input": x})[0], compiled.run({"input": x})[0]

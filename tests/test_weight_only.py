@@ -334,3 +334,17 @@ def test_gptq_beats_rtn_on_real_smollm2_layers():
             gptq = layer_error(x, w, dequantize(*solver.quantize(w, scheme), g))
             rtn = layer_error(x, w, dequantize(*quantize_rtn(w, scheme), g))
             assert gptq <= rtn, (name, g, gptq, rtn)
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    import sys
+
+    compile_module = sys.modules["qpass.compile"]  # the module, not the function qpass.compile
+    compiled = qpass.compile(mlp(), preset="w4a16-rtn", group_size=32, progress=False)
+    monkeypatch.setattr(compile_module, "EXTERNAL_DATA_BYTES", 0)
+    path = compiled.save(tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > 0
+    x = correlated(4, 96).reshape(1, 4, 96)
+    np.testing.assert_array_equal(
+        rt.session(str(path)).run(None, {"x": x})[0], compiled.run({"x": x})[0]
+    )

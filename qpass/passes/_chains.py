@@ -191,8 +191,6 @@ def _passes_channels(node: ir.Node, value: ir.Value) -> bool:
         return False
     if node.op_type == "Clip":
         return clip_bounds(node)[0] == 0.0
-    if node.op_type == "MaxPool":
-        return len(node.outputs) == 1
     if node.op_type == "Pad":
         return _pads_spatial_zeros(node)
     return True
@@ -204,6 +202,8 @@ def _is_plain_relu(node: ir.Node) -> bool:
 
 def _pads_spatial_zeros(node: ir.Node) -> bool:
     if attribute(node, "mode", "constant") not in ("constant", b"constant"):
+        return False
+    if attribute(node, "value", 0.0) != 0.0:  # opset < 11
         return False
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         value = constant(node.inputs[2])

@@ -33,8 +33,9 @@ class CorrectBias(ir.passes.InPlacePass):
        and the output positions. An int32 bias is rounded on its own scale, so the layer still
        fuses into ONNX Runtime's integer kernels.
     2. All layers are measured in one run of the quantized graph in which each layer has a twin
-       reading the same input with the float weight; `sweeps` > 1 repeats rule 1 with the
-       corrected upstream biases (a second-order change: x̃ moves, the weight error does not).
+       reading the same input with the float weight; `sweeps` > 1 measures again with the
+       corrected upstream biases (a second-order change: x̃ moves, the weight error does not)
+       and replaces the correction.
 
     Each layer removes the error its own weights add; the error of its input is removed by the
     upstream layers' corrections. Correcting the full error E[W̃x̃] - E[Wx] of all layers at once
@@ -69,10 +70,11 @@ class CorrectBias(ir.passes.InPlacePass):
         layers = [n for n in model.graph if self._is_correctable(n)]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
+        stored = [_stored_bias(layer) for layer in layers]
         for sweep in range(1, self.sweeps + 1):
             errors = self._weight_errors(model, layers, f"bias correction {sweep}/{self.sweeps}")
-            for layer, error in zip(layers, errors, strict=True):
-                self._shift_bias(model.graph, layer, -error)
+            for layer, bias, error in zip(layers, stored, errors, strict=True):
+                self._set_bias(model.graph, layer, bias, -error)
             worst = max(float(np.abs(e).max()) for e in errors)
             logger.info("bias correction sweep %d: largest mean error %.3g", sweep, worst)
         logger.info("corrected the biases of %d layers", len(layers))
@@ -96,40 +98,53 @@ class CorrectBias(ir.passes.InPlacePass):
         return constant(bias) is not None and constant(bias).ndim == 1
 
     def _weight_errors(self, model: ir.Model, layers: list[ir.Node], description: str):
-        """E[W̃x̃] - E[Wx̃] per output channel of each layer, from one run with float twins."""
+        """E[W̃x̃] - E[Wx̃] per output channel of each layer, from one run with float twins.
+
+        The probe graph averages each difference over the spatial axes itself, so a run fetches
+        one value per sample and channel instead of whole activations."""
         probe = model.clone()
+        opset = probe.opset_imports.get("", 1)
         by_output = {n.outputs[0].name: n for n in probe.graph if n.outputs}
-        pairs = []
+        names = []
         for layer in layers:
             name = layer.outputs[0].name
             node = by_output[name]
-            weight = initializer(probe.graph, f"{name}.float_weight", self.float_weights[name])
+            weight = self.float_weights[name]
             twin = ir.node(
                 node.op_type,
-                [node.inputs[0], weight, *node.inputs[2:]],
+                [node.inputs[0], initializer(probe.graph, f"{name}.float_weight", weight)],
                 attributes=dict(node.attributes),
-                name=f"{node.name}.float_twin",
+                name=f"{name}.float_twin",
             )
-            twin.outputs[0].name = f"{name}.float_twin"
-            probe.graph.insert_after(node, twin)
-            pairs.append((name, twin.outputs[0].name))
-        names = [n for pair in pairs for n in pair]
+            twin.resize_inputs(len(node.inputs))
+            for i in range(2, len(node.inputs)):
+                twin.replace_input_with(i, node.inputs[i])
+            diff = ir.node("Sub", [node.outputs[0], twin.outputs[0]], name=f"{name}.weight_error")
+            nodes = [twin, diff]
+            if weight.ndim > 2:  # Conv: [N, C, spatial...] -> [N, C]
+                axes = list(range(2, weight.ndim))
+                nodes.append(_reduce_mean(probe.graph, diff.outputs[0], axes, opset, name))
+            nodes[-1].outputs[0].name = f"{name}.weight_error"
+            probe.graph.insert_after(node, nodes)
+            names.append(nodes[-1].outputs[0].name)
         means = self.context.observe(probe, names, lambda _: _ChannelMean(), description)
-        return [means[q].mean() - means[f].mean() for q, f in pairs]
+        return [means[name].mean() for name in names]
 
-    def _shift_bias(self, graph: ir.Graph, layer: ir.Node, shift: np.ndarray) -> None:
-        """Add `shift` to the layer's output, per channel, through its bias."""
+    def _set_bias(self, graph: ir.Graph, layer: ir.Node, bias: np.ndarray, shift: np.ndarray):
+        """Make the layer's bias the stored (uncorrected) `bias` plus `shift` on its output.
+
+        Rule 1's error does not depend on the bias (both twins add it), so every sweep starts
+        from the stored bias instead of adding to the last sweep's correction."""
         if layer.op_type == "Gemm":
             shift = shift / attribute(layer, "beta", 1.0)
         value = layer.inputs[2]
         if not _is_dequantized_constant(value):
-            bias = constant(value)
             shifted = (bias + shift).astype(bias.dtype)
             layer.replace_input_with(2, set_constant(graph, value, shifted))
             return
         dq = value.producer()
-        q, scale = constant(dq.inputs[0]), constant(dq.inputs[1]).astype(np.float64)
-        corrected = np.clip(np.rint(q + shift / scale), -_INT32_LIMIT, _INT32_LIMIT)
+        scale = constant(dq.inputs[1]).astype(np.float64)
+        corrected = np.clip(np.rint(bias + shift / scale), -_INT32_LIMIT, _INT32_LIMIT)
         dq.replace_input_with(0, set_constant(graph, dq.inputs[0], corrected.astype(np.int32)))
 
 
@@ -143,6 +158,21 @@ class _RecordFloatWeights(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.owner.float_weights = _layer_weights(model)
         return ir.passes.PassResult(model, modified=False)
+
+
+def _reduce_mean(graph: ir.Graph, x: ir.Value, axes: list[int], opset: int, name: str) -> ir.Node:
+    if opset >= 18:
+        axes_value = initializer(graph, f"{name}.spatial_axes", np.asarray(axes, np.int64))
+        return ir.node("ReduceMean", [x, axes_value], {"keepdims": 0}, name=f"{name}.mean")
+    return ir.node("ReduceMean", [x], {"axes": axes, "keepdims": 0}, name=f"{name}.mean")
+
+
+def _stored_bias(layer: ir.Node) -> np.ndarray:
+    """The bias as stored: int32 values under a DequantizeLinear, or the float constant."""
+    value = layer.inputs[2]
+    if _is_dequantized_constant(value):
+        return constant(value.producer().inputs[0]).astype(np.int64)
+    return constant(value).copy()
 
 
 def _layer_weights(model: ir.Model) -> dict[str, np.ndarray]:
