@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, constant, is_op
+from qpass.passes._graph import attribute, constant, is_op, output_channel_axis
 from qpass.passes.lower_tensorrt import (
     WEIGHTED_OPS,
     epilogue_input,
@@ -30,7 +30,6 @@ from qpass.passes.lower_tensorrt import (
     fused_input,
     is_dequantized,
     is_weight,
-    output_channel_axis,
 )
 
 MIN_OPSET, MAX_OPSET = 9, 24

@@ -51,3 +51,14 @@ def attribute(node: ir.Node, name: str, default):
 
 def is_op(node: ir.Node | None, *op_types: str) -> bool:
     return node is not None and node.domain in ("", "ai.onnx") and node.op_type in op_types
+
+
+def output_channel_axis(node: ir.Node, ndim: int) -> int:
+    """The weight axis that indexes the op's output channels (per-channel scales go there)."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    if node.op_type == "MatMul":
+        return ndim - 1
+    return 0

@@ -10,7 +10,14 @@ import onnx_ir as ir
 
 from qpass.calibration import Context, make_observer
 from qpass.errors import ModelError
-from qpass.passes._graph import attribute, constant, initializer, is_op, sole_consumer
+from qpass.passes._graph import (
+    attribute,
+    constant,
+    initializer,
+    is_op,
+    output_channel_axis,
+    sole_consumer,
+)
 from qpass.schemes import ACTIVATION_UINT8, WEIGHT_INT8, QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -149,7 +156,7 @@ class InsertQDQ(ir.passes.InPlacePass):
         weight = constant(node.inputs[rule.weight]) if rule.weight is not None else None
         if weight is None:
             return
-        axis = _channel_axis(node, weight.ndim)
+        axis = output_channel_axis(node, weight.ndim)
         w_scale, w_zero = _weight_params(self.weights, weight, axis)
         bias = (
             constant(node.inputs[rule.bias])
@@ -237,16 +244,6 @@ def _widen_for_int32_bias(w_scale: np.ndarray, bias: np.ndarray, x_scale: np.nda
     if w_scale.ndim == 0:
         needed = needed.max()
     return np.maximum(w_scale, needed).astype(np.float32)
-
-
-def _channel_axis(node: ir.Node, ndim: int) -> int:
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    if node.op_type == "MatMul":
-        return ndim - 1
-    return 0
 
 
 def _is_plain_gemm(node: ir.Node) -> bool:

@@ -7,7 +7,13 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, constant, initializer, is_op, sole_consumer
+from qpass.passes._graph import (
+    attribute,
+    constant,
+    initializer,
+    is_op,
+    sole_consumer,
+)
 from qpass.passes.fuse_requant import SCALE_PRESERVING_OPS
 
 logger = logging.getLogger(__name__)
@@ -171,17 +177,6 @@ def is_quantized_weighted(node: ir.Node | None) -> bool:
         and len(node.inputs) >= 2
         and all(is_dequantized(v) for v in node.inputs[:2])
     )
-
-
-def output_channel_axis(node: ir.Node, ndim: int) -> int:
-    """The weight axis that indexes the op's output channels (per-channel scales go there)."""
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    if node.op_type == "MatMul":
-        return ndim - 1
-    return 0
 
 
 def feeds_int8(value: ir.Value, _seen: set[int] | None = None) -> bool:
