@@ -13,6 +13,7 @@ from qpass.passes import (
     EqualizeCrossLayer,
     FoldBatchNorm,
     FoldConstants,
+    FoldPadIntoConv,
     FuseRequant,
     InsertQDQ,
     LowerForOnnxRuntime,
@@ -27,7 +28,7 @@ DEFAULT_CALIBRATOR = "minmax"
 
 def canonicalize() -> list[ir.passes.PassBase]:
     """Passes that expose patterns without changing the float function."""
-    return [FoldConstants()]
+    return [FoldConstants(), FoldPadIntoConv()]
 
 
 def int8(

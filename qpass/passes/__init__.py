@@ -5,6 +5,7 @@ from qpass.passes.correct_bias import CorrectBias
 from qpass.passes.equalize import EqualizeCrossLayer
 from qpass.passes.fold_bn import FoldBatchNorm
 from qpass.passes.fold_constants import FoldConstants
+from qpass.passes.fold_pad import FoldPadIntoConv
 from qpass.passes.fuse_requant import FuseRequant
 from qpass.passes.gptq import GPTQ
 from qpass.passes.insert_qdq import InsertQDQ
@@ -24,6 +25,7 @@ __all__ = [
     "EqualizeCrossLayer",
     "FoldBatchNorm",
     "FoldConstants",
+    "FoldPadIntoConv",
     "FuseRequant",
     "InsertQDQ",
     "KeepSensitiveFloat",
