@@ -28,7 +28,6 @@ import io
 import json
 import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, peak_rss_mb, run_worker
+
 BATCH = 8  # calibration batch size, for ORT and qpass alike
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
@@ -120,35 +120,6 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
     return rc
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak RSS (VmHWM) in MB, or None where /proc is missing.
-
-    ru_maxrss is not used first: Linux carries it over fork+exec, so a worker started from the
-    (larger) parent would report at least the parent's RSS.
-    """
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def run_worker(tool: str, method: str, batch: int, model: Path, calib: Path, out: Path) -> dict:
-    """Run :func:`worker` in a fresh interpreter; on failure return ``{"error": ...}``."""
-    cmd = [sys.executable, "-m", "benchmarks.cnn", "--worker", tool, method, str(batch),
-           str(model), str(calib), str(out)]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines or not out.exists():
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
-
-
 # ---------------------------------------------------------------- evaluation (parent process)
 
 
@@ -230,7 +201,8 @@ def bench_row(model: str, label: str, tool: str, method: str | None, batch: int,
         row["qpass_source_sha256"] = source_digest()
     if tool != "fp32":
         log(f"{model}: compiling {label}")
-        row.update(run_worker(tool, method, batch, source, folder / "calib.npz", path))
+        args = [tool, method, batch, source, folder / "calib.npz", path]
+        row.update(run_worker("benchmarks.cnn", args, path, WORKER_TIMEOUT_S))
     if "error" in row:
         log(f"{model}: {label} FAILED: {row['error'].splitlines()[-1]}")
         return row
@@ -278,7 +250,8 @@ def add_ratios(rows: list[dict]) -> None:
     best-accuracy ORT row."""
     ok = [r for r in rows if "error" not in r]
     base = next(r for r in ok if r["tool"] == "fp32")  # first: its predictions are popped last
-    ort_rows = [r for r in ok if r["tool"] == "ort"]
+    # the per-tensor anchor answers another question: it is not a candidate for "best ORT"
+    ort_rows = [r for r in ok if r["tool"] == "ort" and not r["method"].endswith("-tensor")]
     best = max(ort_rows, key=lambda r: r["top1"]) if ort_rows else None
     reference = np.asarray(base["predictions"])
     for r in ok:

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import REPO, run_worker
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW = 512
 WORKER_TIMEOUT_S = 3600
@@ -151,7 +151,7 @@ def windows(tokens: np.ndarray, count: int, length: int = WINDOW) -> np.ndarray:
 
 def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) -> int:
     """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB)."""
-    from benchmarks.cnn import peak_rss_mb
+    from benchmarks.common import peak_rss_mb
 
     start = time.perf_counter()
     if tool == "ort-rtn":
@@ -175,21 +175,6 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
     wall = time.perf_counter() - start
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
     return rc
-
-
-def run_worker(tool: str, group: int, fmt: str, model: Path, calib: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.llm", "--worker", tool, str(group), fmt,
-           str(model), str(calib), str(out)]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines or not out.exists():
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
 
 
 # ---------------------------------------------------------------- evaluation (parent process)
@@ -327,7 +312,8 @@ def run(args, work: Path) -> list[dict]:
         if tool != "fp32":
             path = work / f"{tool}_g{group}.onnx"
             log(f"compiling {label}")
-            row.update(run_worker(tool, group, fmt or "-", fp32, calib, path))
+            args = [tool, group, fmt or "-", fp32, calib, path]
+            row.update(run_worker("benchmarks.llm", args, path, WORKER_TIMEOUT_S))
         if "error" in row:
             log(f"{label} FAILED: {row['error'].splitlines()[-1]}")
             rows.append(row)
@@ -344,7 +330,8 @@ def run(args, work: Path) -> list[dict]:
         dq = work / "qpass-rtn_g128_dq.onnx"
         row = {"row": "qpass RTN g128 (DQ form)", "tool": "qpass-rtn", "group_size": 128}
         log(f"compiling {row['row']}")
-        row.update(run_worker("qpass-rtn", 128, "dq", fp32, calib, dq))
+        row.update(run_worker("benchmarks.llm", ["qpass-rtn", 128, "dq", fp32, calib, dq], dq,
+                              WORKER_TIMEOUT_S))
         if "error" not in row:
             row["size_mb"] = dq.stat().st_size / 1e6
             diff = compare_forms(dq, latency_paths["qpass RTN g128"], test[:1, :128])

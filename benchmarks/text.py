@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import REPO, run_worker
 from benchmarks.data import data_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
 STSB_FILE = "text/sts-b/dev.tsv"
 CALIB_PAIRS = range(0, 100)
 EVAL_PAIRS = range(100, 1500)
@@ -163,7 +162,7 @@ def sts_score(run, tok, rows: range = EVAL_PAIRS) -> float:
 
 def worker(tool: str, method: str, model: str, calib: str, out: str) -> int:
     """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB)."""
-    from benchmarks.cnn import peak_rss_mb
+    from benchmarks.common import peak_rss_mb
 
     start = time.perf_counter()
     rc = 0
@@ -206,20 +205,6 @@ def worker(tool: str, method: str, model: str, calib: str, out: str) -> int:
     wall = time.perf_counter() - start
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
     return rc
-
-
-def run_worker(tool: str, method: str, model: Path, calib: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.text", "--worker", tool, method, str(model),
-           str(calib), str(out)]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines or not out.exists():
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
-    return json.loads(lines[-1])
 
 
 # ---------------------------------------------------------------- benchmark (parent process)
@@ -279,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                "evaluation": f"pairs {rows_eval.start}-{rows_eval.stop - 1}"}
         if tool != "fp32":
             log(f"compiling {label}")
-            row.update(run_worker(tool, method, fp32, calib, path))
+            row.update(run_worker("benchmarks.text", [tool, method, fp32, calib, path], path,
+                                  WORKER_TIMEOUT_S))
         if "error" not in row:
             log(f"Spearman of {label}")
             sess = session(str(path))

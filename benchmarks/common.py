@@ -1,0 +1,39 @@
+"""Pieces every benchmark shares: compile workers in their own process, peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS (VmHWM) in MB, or None where /proc is missing.
+
+    ru_maxrss is not used: Linux carries it over fork+exec, so a worker started from the (larger)
+    parent would report at least the parent's RSS.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def run_worker(module: str, args: list[str], out: Path, timeout_s: float) -> dict:
+    """Run `python -m MODULE --worker ARGS...` in a fresh interpreter and return the JSON line it
+    prints last; on failure (exit code, timeout, no output file) return ``{"error": ...}``."""
+    cmd = [sys.executable, "-m", module, "--worker", *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines or not out.exists():
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
