@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from qpass.errors import ModelError
+from qpass.passes._graph import raise_opset
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def capture(
         )
     if len(result.graph) == 0:
         raise ModelError("the model's graph has no nodes")
-    _raise_opset(result, MIN_OPSET)
+    raise_opset(result, MIN_OPSET)
     return result
 
 
@@ -68,16 +69,6 @@ def load_onnx(path: Path) -> ir.Model:
     if len(model.graph) == 0:
         raise ModelError(f"{path} is not a usable ONNX model: its graph has no nodes")
     return model
-
-
-def _raise_opset(model: ir.Model, version: int) -> None:
-    current = model.opset_imports.get("", None)
-    if current is None or current >= version:
-        return
-    from onnxscript import version_converter
-
-    logger.info("raising the model's opset from %d to %d", current, version)
-    version_converter.convert_version(model, target_version=version)
 
 
 def _is_torch_module(model: Any) -> bool:

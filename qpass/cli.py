@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "--keep-float", type=int, help="w8a8-*: leave the N most sensitive layers in float"
     )
+    c.add_argument(
+        "--scale-constraint",
+        choices=("float", "pow2", "pow2-group"),
+        help="fp8: scales any float (default), powers of two, or powers of two apart per tensor",
+    )
     c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
     c.add_argument(
@@ -87,7 +92,7 @@ def _compile(args) -> int:
 
     options = {"group_size": args.group_size, "format": args.format}
     options.update(symmetric=args.symmetric or None, act_order=args.act_order or None)
-    options.update(keep_float=args.keep_float or None)
+    options.update(keep_float=args.keep_float or None, scale_constraint=args.scale_constraint)
     start = time.perf_counter()
     try:
         compiled = qpass.compile(

@@ -11,6 +11,8 @@ import onnx_ir as ir
 
 RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
 RANGE_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+ScaleConstraint = Literal["float", "pow2", "pow2-group"]
+SCALE_CONSTRAINTS: tuple[str, ...] = ("float", "pow2", "pow2-group")
 
 _INTEGER_TYPES = {
     "int8": (ir.DataType.INT8, np.int8, -128, 127),
@@ -18,6 +20,12 @@ _INTEGER_TYPES = {
     "int4": (ir.DataType.INT4, ml_dtypes.int4, -8, 7),
     "uint4": (ir.DataType.UINT4, ml_dtypes.uint4, 0, 15),
 }
+_FLOAT_TYPES = {
+    "float8e4m3fn": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn, -448, 448),
+}
+_TYPES = {**_INTEGER_TYPES, **_FLOAT_TYPES}
+FLOAT_TYPE_OPSET = 19
+"""Opset from which QuantizeLinear/DequantizeLinear take FLOAT8E4M3FN."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +33,9 @@ class QuantScheme:
     """A quantization scheme for one class of tensors.
 
     Attributes:
-        dtype: integer type of the quantized tensor ("int8", "uint8", "int4" or "uint4").
+        dtype: type of the quantized tensor: "int8", "uint8", "int4", "uint4", or
+            "float8e4m3fn" (FP8 E4M3, always symmetric: scale = amax / 448, zero point 0,
+            saturating at +-448; Q/DQ need opset 19).
         per_channel: one scale per slice along the tensor's channel axis (weights), else one scale.
         symmetric: zero point fixed at 0 (the middle of the range for unsigned types); 8-bit
             signed types then use the restricted range [-127, 127]; 4-bit types keep all 16
@@ -34,6 +44,11 @@ class QuantScheme:
         percentile: the percentile kept by method="percentile".
         group_size: weights only: one scale (and zero point) per block of `group_size`
             consecutive input channels of each output channel (blockwise, opset 21).
+        scale_constraint: symmetric schemes only: "float" (any scale), "pow2" (each scale
+            rounded up to 2^ceil(log2 S)) or "pow2-group" (S_max / 2^floor(log2(S_max / S_i))
+            over the channels of one tensor: the scales differ from the largest by powers of two,
+            each >= its float scale so that no channel saturates; with ceil, a channel's range
+            would be cut by up to 2x).
     """
 
     dtype: str = "uint8"
@@ -42,12 +57,20 @@ class QuantScheme:
     method: RangeMethod = "minmax"
     percentile: float = 99.999
     group_size: int | None = None
+    scale_constraint: ScaleConstraint = "float"
 
     def __post_init__(self) -> None:
-        if self.dtype not in _INTEGER_TYPES:
+        if self.dtype not in _TYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {list(_TYPES)}")
+        if self.dtype in _FLOAT_TYPES:
+            object.__setattr__(self, "symmetric", True)  # FP8 has no zero-point offset
+        if self.scale_constraint not in SCALE_CONSTRAINTS:
             raise ValueError(
-                f"dtype {self.dtype!r} is not supported; use one of {list(_INTEGER_TYPES)}"
+                f"scale constraint {self.scale_constraint!r} is unknown; use one of "
+                f"{SCALE_CONSTRAINTS}"
             )
+        if self.scale_constraint != "float" and not self.symmetric:
+            raise ValueError(f"scale constraint {self.scale_constraint!r} needs symmetric=True")
         if self.method not in RANGE_METHODS:
             raise ValueError(f"range method {self.method!r} is unknown; use one of {RANGE_METHODS}")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
@@ -58,21 +81,33 @@ class QuantScheme:
         return 4 if self.dtype.endswith("4") else 8
 
     @property
-    def ir_dtype(self) -> ir.DataType:
-        return _INTEGER_TYPES[self.dtype][0]
+    def is_float(self) -> bool:
+        """A floating-point quantized type (FP8): values round to its grid, not to integers."""
+        return self.dtype in _FLOAT_TYPES
 
     @property
-    def np_dtype(self) -> type[np.integer]:
-        return _INTEGER_TYPES[self.dtype][1]
+    def min_opset(self) -> int:
+        """The lowest ONNX opset whose QuantizeLinear/DequantizeLinear take this type."""
+        return FLOAT_TYPE_OPSET if self.is_float else 13
+
+    @property
+    def ir_dtype(self) -> ir.DataType:
+        return _TYPES[self.dtype][0]
+
+    @property
+    def np_dtype(self) -> type[np.generic]:
+        return _TYPES[self.dtype][1]
 
     @property
     def qmin(self) -> int:
-        low = _INTEGER_TYPES[self.dtype][2]
+        low = _TYPES[self.dtype][2]
+        if self.is_float:
+            return low
         return low + 1 if self.symmetric and low < 0 and self.bits == 8 else low
 
     @property
     def qmax(self) -> int:
-        return _INTEGER_TYPES[self.dtype][3]
+        return _TYPES[self.dtype][3]
 
     def scale_zero_point(self, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point that represent [low, high] (widened to hold 0 exactly)."""
@@ -89,14 +124,40 @@ class QuantScheme:
             scale = (high - low) / (self.qmax - self.qmin)
             safe = np.where(scale > 0, scale, 1.0)
             zero_point = np.clip(np.round(self.qmin - low / safe), self.qmin, self.qmax)
+        if self.scale_constraint != "float":
+            scale = self.constrain(scale)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return scale, zero_point.astype(self.np_dtype)
 
+    def constrain(self, scale: np.ndarray) -> np.ndarray:
+        """Apply the scale constraint to the scales of one tensor (zeros stay zero)."""
+        scale = np.asarray(scale, np.float64)
+        positive = scale > 0
+        safe = np.where(positive, scale, 1.0)
+        if self.scale_constraint == "pow2":
+            safe = np.exp2(np.ceil(np.log2(safe)))
+        elif self.scale_constraint == "pow2-group" and np.any(positive):
+            largest = scale.max()
+            safe = largest / np.exp2(np.floor(np.log2(largest / safe) + 1e-12))
+        return np.where(positive, safe, scale)
+
     def quantize(self, x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-        """Round-to-nearest-even quantization, saturating (numpy reference of QuantizeLinear)."""
+        """Round-to-nearest-even quantization, saturating (numpy reference of QuantizeLinear).
+
+        FP8: x / scale in float32 rounded to the nearest E4M3 value (ties to even), saturated at
+        +-448, as ONNX Runtime's QuantizeLinear (saturate=1) does."""
+        if self.is_float:
+            y = np.asarray(x, np.float32) / np.asarray(scale, np.float32)
+            return np.clip(y, self.qmin, self.qmax).astype(self.np_dtype)
         q = np.rint(x / scale) + zero_point.astype(np.float64)
         return np.clip(q, self.qmin, self.qmax).astype(self.np_dtype)
+
+    def fake_quantize(self, x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray):
+        """quantize then dequantize, in float64 (the value the quantized graph computes with)."""
+        q = self.quantize(x, scale, zero_point).astype(np.float64)
+        return (q - np.asarray(zero_point).astype(np.float64)) * scale
 
 
 WEIGHT_INT8 = QuantScheme(dtype="int8", per_channel=True, symmetric=True)
 ACTIVATION_UINT8 = QuantScheme(dtype="uint8")
+FP8 = "float8e4m3fn"

@@ -122,6 +122,6 @@ def test_absorption_uses_statistics_rescaled_by_equalization():
     del proto.graph.output[1]
     model = ir.from_proto(proto)
     passes = [*canonicalize(), FoldBatchNorm(), EqualizeCrossLayer(), AbsorbHighBias()]
-    assert all(p(model).modified for p in passes[1:])
+    assert all(p(model).modified for p in passes[-3:])  # canonicalize() may change nothing
     actual = run_onnx(ir.to_proto(model), {"x": x})[0]
     assert relative_error(actual, expected) < 1e-5

@@ -15,6 +15,8 @@ one of four methods:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from qpass.schemes import QuantScheme
@@ -139,11 +141,18 @@ class HistogramObserver:
         """The range (f*low, f*high) minimizing the squared quantization error of the histogram."""
         low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)  # the range always holds 0
         fractions = np.linspace(1.0 / grid, 1.0, grid)[:, None]
+        if scheme.scale_constraint == "pow2-group":  # candidates, not channels of one tensor
+            scheme = dataclasses.replace(scheme, scale_constraint="float")
         scale, zero = scheme.scale_zero_point(low * fractions, high * fractions)
         scale, zero = scale.astype(np.float64), zero.astype(np.float64)
         c = self.centers[None, :]
-        q = np.clip(np.rint(c / scale) + zero, scheme.qmin, scheme.qmax)
-        error = ((c - (q - zero) * scale) ** 2) @ self.counts.astype(np.float64)
+        if scheme.is_float:
+            error = ((c - scheme.fake_quantize(c, scale, zero)) ** 2) @ self.counts.astype(
+                np.float64
+            )
+        else:
+            q = np.clip(np.rint(c / scale) + zero, scheme.qmin, scheme.qmax)
+            error = ((c - (q - zero) * scale) ** 2) @ self.counts.astype(np.float64)
         best = fractions[int(np.argmin(error)), 0]
         return low * best, high * best
 

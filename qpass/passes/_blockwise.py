@@ -15,7 +15,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import constant, initializer, is_op
+from qpass.passes._graph import constant, initializer, is_op, raise_opset
 from qpass.schemes import QuantScheme
 
 WEIGHT_OPSET = 21
@@ -133,9 +133,7 @@ def replace_weight(
 
 def ensure_weight_opset(model: ir.Model) -> None:
     """Raise the model to opset 21 (INT4 and blockwise DequantizeLinear) if it is below."""
-    from qpass.capture import _raise_opset
-
-    _raise_opset(model, WEIGHT_OPSET)
+    raise_opset(model, WEIGHT_OPSET)
 
 
 # -------------------------------------------------------------- com.microsoft.MatMulNBits layout

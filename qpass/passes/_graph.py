@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 
@@ -62,3 +64,14 @@ def output_channel_axis(node: ir.Node, ndim: int) -> int:
     if node.op_type == "MatMul":
         return ndim - 1
     return 0
+
+
+def raise_opset(model: ir.Model, version: int) -> None:
+    """Convert the model to at least `version` of the default ONNX domain (never lowers it)."""
+    current = model.opset_imports.get("", None)
+    if current is None or current >= version:
+        return
+    from onnxscript import version_converter
+
+    logging.getLogger(__name__).info("raising the opset from %d to %d", current, version)
+    version_converter.convert_version(model, target_version=version)

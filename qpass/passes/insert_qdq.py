@@ -16,6 +16,7 @@ from qpass.passes._graph import (
     initializer,
     is_op,
     output_channel_axis,
+    raise_opset,
     sole_consumer,
 )
 from qpass.schemes import ACTIVATION_UINT8, WEIGHT_INT8, QuantScheme
@@ -56,12 +57,16 @@ class InsertQDQ(ir.passes.InPlacePass):
     1. A constant weight (Conv/ConvTranspose/Gemm/MatMul input 1) becomes an integer initializer
        read through DequantizeLinear, per output channel (Conv axis 0, ConvTranspose axis 1, Gemm
        by transB, MatMul axis 1) or per tensor, with its own min-max range.
-    2. A constant 1-D bias becomes int32 with scale = activation scale x weight scale, zero point 0.
+    2. A constant 1-D bias becomes int32 with scale = activation scale x weight scale, zero point 0
+       (integer schemes; with an FP8 weight or activation scheme the bias stays float).
     3. Each float activation input, and the output (looking through a sole Relu/Clip consumer, which
        FuseRequant later removes), becomes x -> Q -> DQ -> consumers, one pair per tensor shared by
        all readers, with scale and zero point from the activation scheme's calibrated range.
     4. An op whose inputs cannot all be quantized (a computed weight of a Conv, a constant input of
        an Add) is left in float and logged.
+    5. The model's opset is raised to what the schemes' types need (19 for FP8 E4M3).
+    6. FP8 activations (ONNX Runtime 1.32 workarounds, same numbers): scale and zero point are
+       one-element 1-D tensors, and the pair on a Relu's output moves in front of the Relu.
 
     Ranges of all activations come from one streaming pass over the calibration data on the float
     graph (Jacob et al. 2018, §3; Nagel et al. 2021, "A White Paper on Neural Network
@@ -89,6 +94,7 @@ class InsertQDQ(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.context is None:
             raise ValueError("InsertQDQ needs a calibration Context (qpass.compile supplies one)")
+        raise_opset(model, max(self.weights.min_opset, self.activations.min_opset))
         graph = model.graph
         nodes = [n for n in graph if self._is_quantizable(n)]
         if not nodes:
@@ -163,7 +169,12 @@ class InsertQDQ(ir.passes.InPlacePass):
             if rule.bias is not None and len(node.inputs) > rule.bias
             else None
         )
-        quantize_bias = bias is not None and bias.ndim == 1 and _is_plain_gemm(node)
+        quantize_bias = (
+            bias is not None
+            and bias.ndim == 1
+            and _is_plain_gemm(node)
+            and not (self.weights.is_float or self.activations.is_float)
+        )
         if quantize_bias:
             x_scale = params[node.inputs[0].name][0]
             w_scale = _widen_for_int32_bias(w_scale, bias, x_scale)
@@ -187,8 +198,14 @@ class InsertQDQ(ir.passes.InPlacePass):
 
     def _insert_pair(self, graph: ir.Graph, value: ir.Value, scale, zero_point) -> None:
         name = value.name
-        scale_v = initializer(graph, f"{name}_scale", np.asarray(scale, np.float32))
-        zero_v = initializer(graph, f"{name}_zero_point", np.asarray(zero_point))
+        scale, zero_point = np.asarray(scale, np.float32), np.asarray(zero_point)
+        if self.activations.is_float:
+            # One-element 1-D (still per tensor): ONNX Runtime 1.32's ClipQuantFusion throws on
+            # a scalar FP8 zero point after a Clip ("Unexpected data type for QuantizeLinear
+            # input y_zero_point") and skips non-scalar ones.
+            scale, zero_point = scale.reshape(1), zero_point.reshape(1)
+        scale_v = initializer(graph, f"{name}_scale", scale)
+        zero_v = initializer(graph, f"{name}_zero_point", zero_point)
         q = ir.node("QuantizeLinear", [value, scale_v, zero_v], name=f"{name}_QuantizeLinear")
         q.outputs[0].name = f"{name}_quantized"
         q.outputs[0].dtype = self.activations.ir_dtype
@@ -202,6 +219,17 @@ class InsertQDQ(ir.passes.InPlacePass):
         dq.outputs[0].name = f"{name}_dequantized"
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, value.shape
         producer = value.producer()
+        if self.activations.is_float and _is_relu_of_sole_reader(producer):
+            # Relu -> Q(FP8) -> DQ  ==>  Q -> DQ -> Relu, the same numbers (a symmetric Q maps
+            # negatives to <= 0 and commutes with Relu); ONNX Runtime 1.32's ReluQuantFusion
+            # would drop the Relu in front of an FP8 QuantizeLinear, as if the type were unsigned.
+            value = producer.inputs[0]
+            dq.metadata_props[QUANTIZES] = value.name
+            q.replace_input_with(0, value)
+            producer.replace_input_with(0, dq.outputs[0])
+            dq.outputs[0].shape = q.outputs[0].shape = value.shape
+            graph.insert_before(producer, [q, dq])
+            return
         if producer is None:
             graph.insert_before(graph[0], [q, dq])
         else:
@@ -223,6 +251,11 @@ def _through_activation(value: ir.Value) -> ir.Value:
     ):
         return consumer.outputs[0]
     return value
+
+
+def _is_relu_of_sole_reader(node: ir.Node | None) -> bool:
+    """A Relu whose input has no other reader (a Q/DQ pair can move in front of it)."""
+    return is_op(node, "Relu") and sole_consumer(node.inputs[0]) is node
 
 
 _INT32_LIMIT = 2**31 - 2**10  # margin for float32 rounding of the bias scale
@@ -267,8 +300,11 @@ def _weight_params(scheme: QuantScheme, weight: np.ndarray, axis: int):
         for factor in np.linspace(0.5, 1.0, 26):
             scale, zero = scheme.scale_zero_point(low * factor, high * factor)
             scale, zero = scale[:, None].astype(np.float64), zero[:, None].astype(np.float64)
-            q = np.clip(np.rint(rows / scale) + zero, scheme.qmin, scheme.qmax)
-            error = np.sum((rows - (q - zero) * scale) ** 2, axis=1)
+            if scheme.is_float:
+                error = np.sum((rows - scheme.fake_quantize(rows, scale, zero)) ** 2, axis=1)
+            else:
+                q = np.clip(np.rint(rows / scale) + zero, scheme.qmin, scheme.qmax)
+                error = np.sum((rows - (q - zero) * scale) ** 2, axis=1)
             better = error < best_error
             best[better], best_error[better] = factor, error[better]
         low, high = low * best, high * best
