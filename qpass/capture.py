@@ -41,9 +41,9 @@ def capture(
     if isinstance(model, ir.Model):
         result = model
     elif isinstance(model, onnx.ModelProto):
-        result = ir.from_proto(model)
+        result = _own_tensor_data(ir.from_proto(model))
     elif isinstance(model, str | os.PathLike):
-        result = load_onnx(Path(model))
+        result = _own_tensor_data(load_onnx(Path(model)))
     elif _is_torch_module(model):
         axes = (dynamic_axes or (0,)) if dynamic_batch else ()
         result = _capture_torch(model, example_inputs, input_names, axes)
@@ -68,6 +68,17 @@ def load_onnx(path: Path) -> ir.Model:
         raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
     if len(model.graph) == 0:
         raise ModelError(f"{path} is not a usable ONNX model: its graph has no nodes")
+    return model
+
+
+def _own_tensor_data(model: ir.Model) -> ir.Model:
+    """Give every initializer that reads from the loaded protobuf its own numpy array: the
+    protobuf is then freed, and reading a weight no longer copies it out each time."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype != ir.DataType.STRING:
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
     return model
 
 

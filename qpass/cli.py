@@ -45,18 +45,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument(
         "--format",
-        choices=("dq", "matmulnbits"),
-        help="w4a16-*: blockwise DequantizeLinear -> MatMul (dq, default) or MatMulNBits",
+        choices=("dq", "matmulnbits", "plugin"),
+        help="w4a16-*: blockwise DequantizeLinear -> MatMul (dq, default), MatMulNBits, or "
+        "qpass's INT4 GEMM TensorRT plugin node (plugin)",
+    )
+    c.add_argument(
+        "--correct-bias",
+        action="store_true",
+        help="fp8: empirical bias correction after quantization (CorrectBias)",
+    )
+    c.add_argument(
+        "--float-layers",
+        type=int,
+        help="fp8, w4a8-fp: leave the first N Conv/Gemm/MatMul layers in float",
+    )
+    c.add_argument(
+        "--storage",
+        choices=("float8", "float4"),
+        help="w4a8-fp: FP4 weights stored as their exact FP8 values (float8, default: ONNX "
+        "Runtime runs it) or as FLOAT4E2M1 (float4, opset 23; for TensorRT)",
     )
     c.add_argument("--symmetric", action="store_true", help="w4a16-*: int4 weights, no zero point")
     c.add_argument("--act-order", action="store_true", help="w4a16-gptq: columns by diag(H)")
     c.add_argument(
+        "--lorc-rank",
+        type=int,
+        help="w4a16-*: add a rank-r float branch for each weight's quantization error (LoRC)",
+    )
+    c.add_argument(
         "--keep-float", type=int, help="w8a8-*: leave the N most sensitive layers in float"
+    )
+    c.add_argument(
+        "--iterations", type=int, help="w4a8: AdaRound optimization steps per layer (default 500)"
+    )
+    c.add_argument(
+        "--alpha",
+        type=_alpha,
+        help="w8a8-smoothquant: SmoothQuant migration strength in [0, 1], or 'auto' to search "
+        "it per layer (default 0.8)",
     )
     c.add_argument(
         "--scale-constraint",
         choices=("float", "pow2", "pow2-group"),
-        help="fp8: scales any float (default), powers of two, or powers of two apart per tensor",
+        help="fp8, w4a8-fp: scales any float (default), powers of two, or powers of two apart "
+        "per tensor (per output channel for blocks)",
     )
     c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
@@ -87,12 +119,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1] or 'auto'")
+    return value
+
+
 def _compile(args) -> int:
     import qpass
 
     options = {"group_size": args.group_size, "format": args.format}
     options.update(symmetric=args.symmetric or None, act_order=args.act_order or None)
     options.update(keep_float=args.keep_float or None, scale_constraint=args.scale_constraint)
+    options.update(storage=args.storage, float_layers=args.float_layers)
+    options.update(iterations=args.iterations)
+    options["correct_bias"] = args.correct_bias or None
+    options["alpha"] = args.alpha
+    options["lorc_rank"] = args.lorc_rank
     start = time.perf_counter()
     try:
         compiled = qpass.compile(

@@ -35,29 +35,33 @@ from qpass.passes.lower_tensorrt import (
 MIN_OPSET, MAX_OPSET = 9, 24
 """Opsets accepted for TensorRT: 9-24, as the project's design notes state. TensorRT 11's "ONNX
 Opset Guide" lists 25 as its maximum; raise MAX_OPSET once a build confirms it."""
-FP8_OPSET, INT4_OPSET, PER_AXIS_OPSET = 19, 21, 13
+FP8_OPSET, INT4_OPSET, PER_AXIS_OPSET, FP4_OPSET = 19, 21, 13, 23
 
 QUANTIZED_TYPES = {
     ir.DataType.INT8: "INT8",
     ir.DataType.FLOAT8E4M3FN: "FP8 E4M3",
     ir.DataType.INT4: "INT4",
+    ir.DataType.FLOAT4E2M1: "FP4 E2M1",
 }
 """Types TensorRT's Quantize/Dequantize read and write (TensorRT Operators reference)."""
 
 RULES: dict[str, tuple[str, str]] = {
     "opset": ("error", f"opset {MIN_OPSET}-{MAX_OPSET}; FP8 needs {FP8_OPSET}, INT4 {INT4_OPSET}"),
-    "qdq-dtype": ("error", "Q/DQ types INT8, FP8 E4M3 or INT4 only (no UINT8, INT32, ...)"),
+    "qdq-dtype": ("error", "Q/DQ types INT8, FP8 E4M3, INT4, FP4 E2M1 only (no UINT8, INT32)"),
     "zero-point": ("error", "zero points constant and zero: TensorRT is symmetric only"),
     "scale": ("error", "scales constant (build-time), finite and positive"),
     "activation-per-tensor": ("error", "activations have one scale (per tensor)"),
     "weight-axis": ("error", "per-channel weight scales on the output-channel axis only"),
-    "blockwise": ("error", "block quantization (block_size) is for INT4 weights only"),
+    "blockwise": ("error", "block quantization (block_size) is for INT4 and FP4 weights only"),
     "int4": ("error", "INT4: weight-only blockwise DQ into MatMul/Gemm, even last dimension"),
+    "fp4": ("error", "FP4 E2M1: weight-only blockwise DQ into MatMul/Gemm (NVFP4, Blackwell)"),
     "weighted-op-inputs": ("warning", "Q/DQ on data and weight of Conv/ConvTranspose/Gemm/MatMul"),
     "residual-add": ("warning", "Q/DQ on the residual input of an Add fused into a convolution"),
     "epilogue": ("warning", "no Q/DQ between a convolution and the residual Add it feeds"),
     "unused-qdq": ("warning", "no activation Q/DQ that no INT8 consumer reads (e.g. on outputs)"),
     "concat-scales": ("warning", "dequantized Concat inputs share one scale"),
+    "plugin": ("error", "plugin nodes name a known plugin, namespace and version; packed weights"),
+    "plugin-qdq": ("warning", "no Q/DQ on a plugin's inputs: TensorRT cannot fuse Q/DQ into it"),
 }
 """Rule id -> (severity, what it requires)."""
 
@@ -125,6 +129,8 @@ def _check_opset(model: ir.Model) -> Iterator[Finding]:
             requirements.append((FP8_OPSET, "FP8 Q/DQ"))
         if dtype == ir.DataType.INT4 or attribute(node, "block_size", 0):
             requirements.append((INT4_OPSET, "INT4 or blockwise Q/DQ"))
+        if dtype == ir.DataType.FLOAT4E2M1:
+            requirements.append((FP4_OPSET, "FP4 Q/DQ"))
         if _scale_size(node) > 1:
             requirements.append((PER_AXIS_OPSET, "per-channel Q/DQ"))
         needed, why = max(requirements)
@@ -238,53 +244,69 @@ def _check_weight_axis(model: ir.Model) -> Iterator[Finding]:
                 )
 
 
+_BLOCK_TYPES = (ir.DataType.INT4, ir.DataType.FLOAT4E2M1)
+
+
 def _check_blockwise(model: ir.Model) -> Iterator[Finding]:
     for node in _qdq_nodes(model):
-        if attribute(node, "block_size", 0) and _quantized_type(node) != ir.DataType.INT4:
+        if attribute(node, "block_size", 0) and _quantized_type(node) not in _BLOCK_TYPES:
             yield Finding(
                 "blockwise",
                 _name(node),
-                f"block quantization of {_type_name(node)}; TensorRT blocks INT4 weights only",
-                "quantize per channel, or use INT4 weights",
+                f"block quantization of {_type_name(node)}; TensorRT blocks INT4 and FP4 "
+                "weights only",
+                "quantize per channel, or use INT4 / FP4 weights (w4a8-fp: storage='float4')",
             )
 
 
 def _check_int4(model: ir.Model) -> Iterator[Finding]:
+    return _check_weight_only(model, ir.DataType.INT4, "int4", "INT4")
+
+
+def _check_fp4(model: ir.Model) -> Iterator[Finding]:
+    return _check_weight_only(model, ir.DataType.FLOAT4E2M1, "fp4", "FP4")
+
+
+def _check_weight_only(
+    model: ir.Model, dtype: ir.DataType, rule: str, label: str
+) -> Iterator[Finding]:
+    """INT4 and FP4 (TensorRT Developer Guide, "Working with Quantized Types": weight-only
+    block quantization of MatMul/Gemm weights)."""
     for node in _qdq_nodes(model):
-        if _quantized_type(node) != ir.DataType.INT4:
+        if _quantized_type(node) != dtype:
             continue
         if is_op(node, "QuantizeLinear") or constant(node.inputs[0]) is None:
             yield Finding(
-                "int4",
+                rule,
                 _name(node),
-                "INT4 on a computed tensor; TensorRT's INT4 is weight-only",
-                "store the weight as a constant int4 initializer read by DequantizeLinear",
+                f"{label} on a computed tensor; TensorRT's {label} is weight-only",
+                f"store the weight as a constant {label} initializer read by DequantizeLinear",
             )
             continue
         weight = constant(node.inputs[0])
         readers = node.outputs[0].uses()
         if not readers or any(not is_op(r, "MatMul", "Gemm") or i != 1 for r, i in readers):
             yield Finding(
-                "int4",
+                rule,
                 _name(node),
-                "INT4 weight not read as the weight of a MatMul/Gemm",
-                "use INT4 for MatMul/Gemm weights only (int8 for convolutions)",
+                f"{label} weight not read as the weight of a MatMul/Gemm",
+                f"use {label} for MatMul/Gemm weights only (int8 or fp8 for convolutions)",
             )
         scale = constant(node.inputs[1])
         if not attribute(node, "block_size", 0) or (
             scale is not None and scale.ndim != weight.ndim
         ):
             yield Finding(
-                "int4",
+                rule,
                 _name(node),
-                "INT4 weight without blockwise scales; TensorRT's INT4 is block-quantized",
+                f"{label} weight without blockwise scales; TensorRT's {label} is block-quantized",
                 "quantize with a group size (DequantizeLinear block_size, opset 21)",
             )
         if weight.ndim == 0 or weight.shape[-1] % 2:
             yield Finding(
-                "int4",
+                rule,
                 _name(node),
-                f"INT4 weight of shape {list(weight.shape)}: the last dimension must be even "
+                f"{label} weight of shape {list(weight.shape)}: the last dimension must be even "
                 "(two values per byte)",
                 "pad the weight's last dimension to an even size",
             )
@@ -344,8 +366,8 @@ def _check_unused_qdq(model: ir.Model) -> Iterator[Finding]:
     for node in model.graph:
         if not is_op(node, "DequantizeLinear") or is_weight(node):
             continue
-        if feeds_int8(node.outputs[0]):
-            continue
+        if feeds_int8(node.outputs[0]) or any(map(_is_plugin, node.outputs[0].consumers())):
+            continue  # a Q/DQ into a plugin: rule plugin-qdq says why
         where = "a graph output" if node.outputs[0].is_graph_output() else "float ops only"
         yield Finding(
             "unused-qdq",
@@ -376,6 +398,43 @@ def _check_concat_scales(model: ir.Model) -> Iterator[Finding]:
             )
 
 
+def _is_plugin(node: ir.Node) -> bool:
+    """A node TensorRT's parser imports as a plugin (qpass's, or any with plugin_namespace)."""
+    from qpass.plugins.onnx_node import is_plugin_node
+
+    return is_plugin_node(node) or "plugin_namespace" in node.attributes
+
+
+def _check_plugin(model: ir.Model) -> Iterator[Finding]:
+    from qpass.plugins.onnx_node import check_node
+
+    for node in model.graph:
+        if not _is_plugin(node):
+            continue
+        for problem in check_node(node, model.opset_imports):
+            yield Finding(
+                "plugin",
+                _name(node),
+                problem,
+                "emit plugin nodes with qpass.plugins.onnx_node (LowerToInt4Plugin)",
+            )
+
+
+def _check_plugin_qdq(model: ir.Model) -> Iterator[Finding]:
+    for node in model.graph:
+        if not _is_plugin(node):
+            continue
+        for index, value in enumerate(node.inputs):
+            if is_dequantized(value):
+                yield Finding(
+                    "plugin-qdq",
+                    _name(node),
+                    f"input {index} is dequantized; TensorRT runs that DequantizeLinear on its "
+                    "own (Q/DQ never fuse into a plugin)",
+                    "feed the plugin float activations and its own packed weights",
+                )
+
+
 CHECKS: list[Callable[[ir.Model], Iterator[Finding]]] = [
     _check_opset,
     _check_dtype,
@@ -385,11 +444,14 @@ CHECKS: list[Callable[[ir.Model], Iterator[Finding]]] = [
     _check_weight_axis,
     _check_blockwise,
     _check_int4,
+    _check_fp4,
     _check_weighted_op_inputs,
     _check_residual_add,
     _check_epilogue,
     _check_unused_qdq,
     _check_concat_scales,
+    _check_plugin,
+    _check_plugin_qdq,
 ]
 
 

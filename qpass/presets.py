@@ -21,7 +21,7 @@ from qpass.passes import (
     LowerToMatMulNBits,
     RoundToNearest,
 )
-from qpass.schemes import FP8, WEIGHT_INT8, QuantScheme
+from qpass.schemes import FP4, FP8, WEIGHT_INT8, QuantScheme
 
 DEFAULT_CALIBRATOR = "minmax"
 
@@ -78,7 +78,49 @@ def int8_tensor(
     ]
 
 
-WEIGHT_FORMATS = ("dq", "matmulnbits")
+WEIGHT_INT4_CHANNEL = QuantScheme(dtype="int4", per_channel=True, symmetric=True)
+
+
+def w4a8(
+    calibrator: str | None = None,
+    exclude: frozenset[str] = frozenset(),
+    *,
+    adaround: bool = True,
+    iterations: int = 500,
+) -> list[ir.passes.PassBase]:
+    """W4A8 for CNNs: S4 symmetric per-channel weights (one scale per output channel) and U8
+    per-tensor activations on every Conv, Gemm and MatMul with a constant weight, the weights'
+    rounding learned layer by layer by AdaRound (Nagel et al. 2020) on the calibration data;
+    `adaround=False` rounds to nearest (the baseline), `iterations` sets AdaRound's steps per
+    layer. ONNX Runtime has no INT4 convolution kernel: the int4 weights are stored as int4 and
+    read through opset-21 DequantizeLinear, the convolution runs in float on Q/DQ activations
+    (adds and pools still fuse into QLinear kernels)."""
+    from qpass.passes.adaround import AdaRound
+
+    activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
+    quantize = InsertQDQ(weights=WEIGHT_INT4_CHANNEL, activations=activations, exclude=exclude)
+    if not adaround:
+        return [*canonicalize(), FoldBatchNorm(), quantize, FuseRequant(), LowerForOnnxRuntime()]
+    rounding = AdaRound(iterations=iterations)
+    return [
+        *canonicalize(),
+        FoldBatchNorm(),
+        rounding.snapshot(),
+        quantize,
+        rounding,
+        FuseRequant(),
+        LowerForOnnxRuntime(),
+    ]
+
+
+def w4a8_rtn(
+    calibrator: str | None = None, exclude: frozenset[str] = frozenset()
+) -> list[ir.passes.PassBase]:
+    """W4A8 with round-to-nearest weights: `w4a8` without AdaRound (the baseline)."""
+    return w4a8(calibrator, exclude, adaround=False)
+
+
+WEIGHT_FORMATS = ("dq", "matmulnbits", "plugin")
 
 
 def _w4_scheme(group_size: int | None, symmetric: bool) -> QuantScheme:
@@ -90,6 +132,10 @@ def _w4_scheme(group_size: int | None, symmetric: bool) -> QuantScheme:
 def _w4_lowering(format: str, accuracy_level: int) -> list[ir.passes.PassBase]:
     if format not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {format!r} is unknown; use one of {WEIGHT_FORMATS}")
+    if format == "plugin":  # qpass's INT4 GEMM TensorRT plugin (qpass.plugins), MatMuls only
+        from qpass.passes.lower_int4_plugin import LowerToInt4Plugin
+
+        return [LowerToInt4Plugin(convolutions=False)]
     return [LowerToMatMulNBits(accuracy_level)] if format == "matmulnbits" else []
 
 
@@ -102,16 +148,29 @@ def w4a16_rtn(
     symmetric: bool = False,
     lm_head: bool = False,
     accuracy_level: int = 0,
+    lorc_rank: int = 0,
 ) -> list[ir.passes.PassBase]:
     """Weight-only 4-bit, round to nearest, one scale (and zero point) per group of input channels
     of every MatMul weight; lm_head and embeddings stay in float. `format`: "dq" (opset-21
-    blockwise DequantizeLinear -> MatMul) or "matmulnbits" (com.microsoft.MatMulNBits).
-    Needs no calibration data (`calibrator` is ignored)."""
+    blockwise DequantizeLinear -> MatMul), "matmulnbits" (com.microsoft.MatMulNBits) or
+    "plugin" (qpass's INT4 GEMM TensorRT plugin node, `LowerToInt4Plugin`).
+    Needs no calibration data (`calibrator` is ignored). `lorc_rank=r` adds LoRC's rank-r float
+    branch for each weight's quantization error (`LowRankCompensation`)."""
     scheme = _w4_scheme(group_size, symmetric)
     return [
-        RoundToNearest(scheme, exclude=exclude, lm_head=lm_head),
+        *_with_lorc(RoundToNearest(scheme, exclude=exclude, lm_head=lm_head), lorc_rank),
         *_w4_lowering(format, accuracy_level),
     ]
+
+
+def _with_lorc(quantize: ir.passes.PassBase, rank: int) -> list[ir.passes.PassBase]:
+    """`quantize`, with LoRC's float-weight snapshot before it and its branches after it."""
+    if not rank:
+        return [quantize]
+    from qpass.passes.lorc import LowRankCompensation
+
+    lorc = LowRankCompensation(rank)
+    return [lorc.snapshot(), quantize, lorc]
 
 
 def w4a16_gptq(
@@ -126,22 +185,54 @@ def w4a16_gptq(
     act_order: bool = False,
     damp: float = 0.01,
     sequential: str = "block",
+    lorc_rank: int = 0,
 ) -> list[ir.passes.PassBase]:
-    """Weight-only 4-bit with GPTQ (block by block on the calibration data), same schemes and
-    formats as `w4a16_rtn`."""
+    """Weight-only 4-bit with GPTQ (block by block on the calibration data), same schemes,
+    formats and `lorc_rank` as `w4a16_rtn`."""
     scheme = _w4_scheme(group_size, symmetric)
     gptq = GPTQ(
         weights=scheme, exclude=exclude, lm_head=lm_head, act_order=act_order, damp=damp,
         sequential=sequential,
     )
-    return [gptq, *_w4_lowering(format, accuracy_level)]
+    return [*_with_lorc(gptq, lorc_rank), *_w4_lowering(format, accuracy_level)]
+
+
+def w4a16_awq(
+    calibrator: str | None = None,
+    exclude: frozenset[str] = frozenset(),
+    *,
+    group_size: int | None = 128,
+    format: str = "dq",
+    symmetric: bool = False,
+    lm_head: bool = False,
+    accuracy_level: int = 0,
+    sequential: str = "block",
+    lorc_rank: int = 0,
+    alphas: tuple[float, ...] = (0.0,),
+) -> list[ir.passes.PassBase]:
+    """Weight-only 4-bit with AWQ (activation-aware input-channel scales folded into the
+    producers, clipping search, then round to nearest; block by block on the calibration data),
+    same schemes, formats and `lorc_rank` as `w4a16_rtn`. `alphas`: the grid of the scale
+    search; the default `(0.0,)` keeps s = 1 and runs the clipping search only: on
+    SmolLM2-135M (g128) the full grid (`qpass.passes.awq.ALPHA_GRID`, 0 to 0.95) lowered every
+    layer's output error but raised perplexity from RTN's 38.3 to 41.7, clipping alone lowered
+    it to 35.1."""
+    from qpass.passes.awq import AWQ
+
+    scheme = _w4_scheme(group_size, symmetric)
+    awq = AWQ(weights=scheme, exclude=exclude, lm_head=lm_head, sequential=sequential,
+              alphas=tuple(alphas))
+    return [*_with_lorc(awq, lorc_rank), *_w4_lowering(format, accuracy_level)]
 
 
 PRESETS: dict[str, Callable[..., list[ir.passes.PassBase]]] = {
     "int8": int8,
     "int8-tensor": int8_tensor,
+    "w4a8": w4a8,
+    "w4a8-rtn": w4a8_rtn,
     "w4a16-rtn": w4a16_rtn,
     "w4a16-gptq": w4a16_gptq,
+    "w4a16-awq": w4a16_awq,
 }
 
 
@@ -170,15 +261,18 @@ def w8a8_smoothquant(
     calibrator: str | None = None,
     exclude: frozenset[str] = frozenset(),
     *,
-    alpha: float | None = None,
+    alpha: float | str = 0.8,
     keep_float: int = 0,
 ) -> list[ir.passes.PassBase]:
-    """W8A8 for transformer MatMuls, static: SmoothQuant (alpha searched per layer when None),
-    then S8 symmetric per-channel weights and U8 per-tensor calibrated activations on every
-    MatMul/Gemm with a constant weight (attention's activation x activation MatMuls, Softmax,
-    LayerNorm and residual Adds stay float); ORT runs them as MatMulIntegerToFloat.
+    """W8A8 for transformer MatMuls, static: SmoothQuant (`alpha` 0.8, or "auto": searched per
+    layer), then S8 symmetric per-channel weights and U8 per-tensor calibrated activations on
+    every MatMul/Gemm with a constant weight (attention's activation x activation MatMuls,
+    Softmax, LayerNorm and residual Adds stay float), lowered to ORT's MatMulIntegerToFloat
+    with the bias in the kernel (the QDQ form before `LowerIntegerMatMul` is standard ONNX).
     `keep_float=N` leaves the N layers most sensitive to quantization (on the calibration
-    data, after smoothing) in float."""
+    data, after smoothing) in float. On MiniLM alpha 0.8 scores as well as the search (which
+    picks 0.7-0.8 there) and compiles 3x faster."""
+    from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
     from qpass.passes.smoothquant import SmoothQuant
 
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
@@ -194,12 +288,18 @@ def w8a8_smoothquant(
     insert = quantize(exclude)[0]
     return [
         *canonicalize(),
-        SmoothQuant(alpha=alpha, activations=activations, exclude=exclude),
+        SmoothQuant(alpha=_alpha(alpha), activations=activations, exclude=exclude),
         *_keep_sensitive_float(insert, quantize, exclude, keep_float),
         insert,
         FuseRequant(),
         LowerForOnnxRuntime(),
+        LowerIntegerMatMul(),
     ]
+
+
+def _alpha(alpha: float | str | None) -> float | None:
+    """SmoothQuant's alpha: a number, or None (searched per layer) for "auto"."""
+    return None if alpha in ("auto", None) else float(alpha)
 
 
 def _keep_sensitive_float(target, quantize, exclude, keep_float: int) -> list[ir.passes.PassBase]:
@@ -215,7 +315,7 @@ def w8a8_dynamic(
     exclude: frozenset[str] = frozenset(),
     *,
     smooth: bool = False,
-    alpha: float | None = None,
+    alpha: float | str = "auto",
     keep_float: int = 0,
 ) -> list[ir.passes.PassBase]:
     """W8A8 for transformer MatMuls with per-token dynamic activations (each row's range at run
@@ -226,7 +326,9 @@ def w8a8_dynamic(
     from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
     from qpass.passes.smoothquant import SmoothQuant
 
-    smoothing = [SmoothQuant(alpha=alpha, per_token=True, exclude=exclude)] if smooth else []
+    smoothing = []
+    if smooth:
+        smoothing = [SmoothQuant(alpha=_alpha(alpha), per_token=True, exclude=exclude)]
 
     def quantize(excluded: frozenset[str]) -> list[ir.passes.PassBase]:
         return [QuantizeDynamicPerToken(weights=WEIGHT_INT8, exclude=excluded)]
@@ -247,6 +349,7 @@ def fp8(
     *,
     scale_constraint: str = "float",
     correct_bias: bool = False,
+    float_layers: int = 0,
 ) -> list[ir.passes.PassBase]:
     """FP8 E4M3 (symmetric, scale = amax / 448): per-channel weights, per-tensor calibrated
     activations, biases in float, Relu/Clip kept; opset raised to 19. ONNX Runtime runs it as
@@ -254,7 +357,10 @@ def fp8(
     `scale_constraint`: "float", "pow2" (every scale a power of two) or "pow2-group" (the
     scales of one weight tensor differ from its largest by powers of two). `correct_bias=True`
     adds empirical bias correction (`CorrectBias`) after quantization: on EfficientNet-Lite0
-    FP8 loses 5.8 top-1 points without it, 2.8 with it."""
+    FP8 loses 5.8 top-1 points without it, 2.8 with it. `float_layers=N` leaves the first N
+    Conv/Gemm/MatMul layers in float (`KeepLeadingLayersFloat`; TensorRT runs them in FP16):
+    FP8's 3 mantissa bits put a relative error of up to 1/16 on every value, which the first
+    layers of EfficientNet-Lite0 amplify most (see benchmarks/cnn.py for the measured rows)."""
     weights = QuantScheme(
         dtype=FP8, per_channel=True, symmetric=True, scale_constraint=scale_constraint
     )
@@ -265,12 +371,56 @@ def fp8(
         scale_constraint=scale_constraint,
     )
     quantize = InsertQDQ(weights=weights, activations=activations, exclude=exclude)
+    leading = _leading_float(quantize, float_layers)
     if not correct_bias:
-        return [*canonicalize(), FoldBatchNorm(), quantize]
+        return [*canonicalize(), FoldBatchNorm(), *leading, quantize]
     correct = CorrectBias()
-    return [*canonicalize(), FoldBatchNorm(), correct.snapshot(), quantize, correct]
+    return [*canonicalize(), FoldBatchNorm(), *leading, correct.snapshot(), quantize, correct]
+
+
+def _leading_float(quantize: ir.passes.PassBase, count: int) -> list[ir.passes.PassBase]:
+    if not count:
+        return []
+    from qpass.passes.keep_leading_float import KeepLeadingLayersFloat
+
+    return [KeepLeadingLayersFloat(quantize, count)]
 
 
 PRESETS["fp8"] = fp8
+
+
+def w4a8_fp(
+    calibrator: str | None = None,
+    exclude: frozenset[str] = frozenset(),
+    *,
+    group_size: int = 128,
+    scale_constraint: str = "float",
+    storage: str = "float8",
+    float_layers: int = 0,
+) -> list[ir.passes.PassBase]:
+    """W4A8 in floating point (Wu et al. 2023, "ZeroQuant-FP"): FP4 E2M1 weights with one scale
+    per block of `group_size` input channels of each output channel (one per output channel
+    where a weight has fewer input channels), FP8 E4M3 per-tensor calibrated activations, biases
+    and Relu/Clip as in `fp8`. `scale_constraint` applies to both ("pow2-group": block scales
+    relative to the largest of their output channel). `storage`: "float8" (default: the E2M1
+    values in FLOAT8E4M3FN, the form ONNX Runtime 1.32 runs; the same numbers) or "float4"
+    (FLOAT4E2M1, opset 23, which ONNX Runtime 1.32's CPU provider cannot run).
+    `float_layers=N` leaves the first N weighted layers in float, as in `fp8`."""
+    weights = QuantScheme(
+        dtype=FP4, symmetric=True, group_size=group_size, scale_constraint=scale_constraint
+    )
+    activations = QuantScheme(
+        dtype=FP8,
+        symmetric=True,
+        method=calibrator or DEFAULT_CALIBRATOR,
+        scale_constraint=scale_constraint,
+    )
+    quantize = InsertQDQ(
+        weights=weights, activations=activations, exclude=exclude, fp4_storage=storage
+    )
+    return [*canonicalize(), FoldBatchNorm(), *_leading_float(quantize, float_layers), quantize]
+
+
+PRESETS["w4a8-fp"] = w4a8_fp
 PRESETS["w8a8-smoothquant"] = w8a8_smoothquant
 PRESETS["w8a8-dynamic"] = w8a8_dynamic

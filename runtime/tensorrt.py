@@ -18,6 +18,7 @@ take the caller down.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -52,6 +53,7 @@ def build_engine(
     plugins: Sequence[str | os.PathLike] = (),
     shapes: ShapeSpec | None = None,
     timeout: float | None = None,
+    python_plugins: Sequence[str] = (),
 ) -> Path:
     """Build a serialized TensorRT engine (plan) from an ONNX model, in a child process.
 
@@ -65,12 +67,18 @@ def build_engine(
         shapes: per input, a fixed shape or (min, opt, max): one optimization profile. Needed
             for every input with a dynamic dimension.
         timeout: seconds before the child process is stopped (default: none).
+        python_plugins: modules the child process imports before parsing, to register
+            TensorRT Python plugins (`tensorrt.plugin`), e.g. "qpass.plugins.tensorrt" for the
+            INT4 GEMM node `LowerToInt4Plugin` emits. Their ahead-of-time kernels are embedded
+            in the engine: running it needs no Python. trtexec cannot import Python plugins,
+            so `trtexec_command` has no equivalent.
 
     Raises TensorRTUnavailableError without TensorRT, EngineBuildError if the parser or the
     builder fails.
     """
     require_tensorrt(fp16=fp16)
     request = _request(onnx_path, engine_path, fp16, timing_cache, plugins, shapes)
+    request["python_plugins"] = _python_plugins(python_plugins)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "qpass.runtime.tensorrt", json.dumps(request)],
@@ -162,6 +170,18 @@ def _request(onnx_path, engine_path, fp16, timing_cache, plugins, shapes) -> dic
     }
 
 
+def _python_plugins(modules: Sequence[str]) -> list[str]:
+    """Check that each plugin module can be found (it is imported in the child process)."""
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise QpassError(f"plugin module {module!r} cannot be imported")
+    return list(modules)
+
+
 def _profiles(shapes: ShapeSpec) -> dict[str, list[list[int]]]:
     """{name: [min, opt, max]} from fixed shapes or (min, opt, max) triples, checked."""
     profiles = {}
@@ -193,6 +213,8 @@ def _build(request: dict) -> None:  # pragma: no cover - needs TensorRT and a GP
 
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
+    for module in request.get("python_plugins", []):  # registers with tensorrt.plugin
+        importlib.import_module(module)
     builder = trt.Builder(logger)
     for library in request["plugins"]:
         builder.get_plugin_registry().load_library(library)

@@ -87,7 +87,7 @@ def legal_conv(opset=17, **qdq):
     return g.model(g.conv(g.qdq("x", **qdq)), opset)
 
 
-def matmul_w4(shape=(8, 6), block_size=4, opset=21, quantize_input=False):
+def matmul_w4(shape=(8, 6), block_size=4, opset=21, quantize_input=False, dtype=TensorProto.INT4):
     g = Graph()
     x = g.op("Reshape", ["x", g.tensor("shape", TensorProto.INT64, [2], [-1, shape[0]])])
     if quantize_input:
@@ -96,11 +96,32 @@ def matmul_w4(shape=(8, 6), block_size=4, opset=21, quantize_input=False):
     w = g.weight(
         shape,
         axis=0 if block_size else 1,
-        dtype=TensorProto.INT4,
+        dtype=dtype,
         block_size=block_size,
         scale_shape=blocks,
     )
     return g.model(g.op("MatMul", [x, w]), opset)
+
+
+def fp4_matmul(opset=23, block_size=4):
+    """W4A8 in floating point: FP8 data, blockwise FP4 weight [8, 6]."""
+    g = Graph()
+    x = g.op("Reshape", ["x", g.tensor("shape", TensorProto.INT64, [2], [-1, 8])])
+    x = g.qdq(x, dtype=TensorProto.FLOAT8E4M3FN)
+    w = g.weight(
+        (8, 6),
+        axis=0 if block_size else 1,
+        dtype=TensorProto.FLOAT4E2M1,
+        block_size=block_size,
+        scale_shape=[2, 6] if block_size else [6],
+    )
+    return g.model(g.op("MatMul", [x, w]), opset)
+
+
+def fp4_conv():
+    g = Graph()
+    w = g.weight((4, 4, 3, 3), dtype=TensorProto.FLOAT4E2M1)
+    return g.model(g.conv(g.qdq("x", dtype=TensorProto.FLOAT8E4M3FN), w), 23)
 
 
 def int4_conv():
@@ -169,6 +190,30 @@ def fp8_activation(opset):
     return g.model(g.conv(g.qdq("x", dtype=TensorProto.FLOAT8E4M3FN)), opset)
 
 
+def int4_plugin(version="1", block_size=8, quantize_input=False, domain=True):
+    """x [1, 4, 8, 8] -> Reshape [-1, 8] -> (Q/DQ) -> qpass::Int4GroupGemm (K 8, N 6, g 8)."""
+    from qpass.plugins.onnx_node import DOMAIN, DOMAIN_VERSION
+
+    g = Graph()
+    x = g.op("Reshape", ["x", g.tensor("shape", TensorProto.INT64, [2], [-1, 8])])
+    if quantize_input:
+        x = g.qdq(x)
+    b = g.tensor("b", TensorProto.UINT8, [6, 1, 4], np.arange(24) * 7 % 256)
+    s = g.tensor("s", TensorProto.FLOAT, [6, 1], np.full(6, 0.01))
+    z = g.tensor("z", TensorProto.UINT8, [6, 1], np.full(6, 8))
+    out = g.name("gemm")
+    g.nodes.append(
+        helper.make_node(
+            "Int4GroupGemm", [x, b, s, z], [out], name=out, domain=DOMAIN,
+            plugin_namespace="qpass", plugin_version=version, block_size=block_size,
+        )
+    )
+    model = g.model(out, 21)
+    if domain:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return model
+
+
 # (rule, graph that breaks exactly that rule)
 VIOLATIONS = [
     ("opset", lambda: legal_conv(opset=25)),
@@ -191,12 +236,19 @@ VIOLATIONS = [
     ("int4", lambda: matmul_w4(shape=(8, 5))),
     ("int4", lambda: matmul_w4(block_size=None)),
     ("int4", lambda: matmul_w4(quantize_input=True)),
+    ("opset", lambda: fp4_matmul(opset=21)),
+    ("fp4", fp4_conv),
+    ("fp4", lambda: fp4_matmul(block_size=None)),
     ("weighted-op-inputs", float_data_conv),
     ("weighted-op-inputs", float_weight_conv),
     ("residual-add", lambda: residual(quantize_residual=False, conv_output_qdq=False)),
     ("epilogue", lambda: residual(quantize_residual=True, conv_output_qdq=True)),
     ("unused-qdq", output_qdq),
     ("concat-scales", concat),
+    ("plugin", lambda: int4_plugin(version="2")),
+    ("plugin", lambda: int4_plugin(block_size=16)),
+    ("plugin", lambda: int4_plugin(domain=False)),
+    ("plugin-qdq", lambda: int4_plugin(quantize_input=True)),
 ]
 
 
@@ -222,8 +274,13 @@ def test_every_rule_has_a_violating_graph():
         matmul_w4,
         lambda: residual(quantize_residual=True, conv_output_qdq=False),
         lambda: concat(scales=(0.05, 0.05)),
+        int4_plugin,
+        fp4_matmul,
     ],
-    ids=["conv", "fp8", "conv-transpose", "w4a16-matmul", "residual-add", "concat"],
+    ids=[
+        "conv", "fp8", "conv-transpose", "w4a16-matmul", "residual-add", "concat", "plugin",
+        "fp4-matmul",
+    ],
 )
 def test_legal_graphs_are_clean(build):
     assert lint_tensorrt(build()) == []
@@ -396,3 +453,11 @@ def test_int8_tensorrt_preset_is_clean_on_real_models(real_models, name):
     images, _ = loader("evaluation", limit=16)
     reference = run_onnx(onnx.load(real_models[name]), {"input": images})[0]
     assert sqnr_db(reference, compiled.run({"input": images})[0]) >= 15
+
+
+def test_python_plugin_modules_are_checked_before_a_build():
+    """build_engine(python_plugins=...) imports each module in the builder process; a module
+    that cannot be found is refused up front (TensorRT itself is absent here)."""
+    assert trt_runtime._python_plugins(["qpass.plugins.tensorrt"]) == ["qpass.plugins.tensorrt"]
+    with pytest.raises(qpass.QpassError, match="cannot be imported"):
+        trt_runtime._python_plugins(["qpass.plugins.no_such_plugin"])

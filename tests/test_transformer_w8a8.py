@@ -202,6 +202,25 @@ def test_static_preset_quantizes_only_weight_matmuls():
     assert sqnr_db(float_out, compiled.run(data)[0]) > 20
 
 
+def test_integer_matmul_lowering_takes_the_bias_and_keeps_the_qdq_numbers():
+    from qpass.presets import w8a8_smoothquant
+
+    model, data = block_graph(1, pre_ln=True), block_data()
+    passes = w8a8_smoothquant()
+    assert isinstance(passes[-1], LowerIntegerMatMul)
+    qdq = qpass.compile(model, passes[:-1], calibration=data, progress=False)
+    lowered = qpass.compile(model, passes, calibration=data, progress=False)
+    fused = [n for n in lowered.model.graph if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 7 and all(len(n.inputs) == 7 for n in fused)  # every layer has a bias
+    assert not any(
+        n.op_type == "MatMul"
+        and n.inputs[1].producer() is not None
+        and n.inputs[1].producer().op_type == "DequantizeLinear"
+        for n in lowered.model.graph
+    )
+    assert relative_error(lowered.run(data)[0], qdq.run(data)[0]) < 1e-5
+
+
 # ------------------------------------------------------------ Hugging Face encoder, CLI
 
 
@@ -336,3 +355,72 @@ def test_keep_float_leaves_most_sensitive_layers_float_and_reports_them():
     float_matmuls = {n.name for n in compiled.model.graph if n.op_type == "MatMul"}
     assert kept <= float_matmuls
     assert "Layer sensitivity" in compiled.report().to_markdown()
+
+
+# ------------------------------------------------------------ compile cost
+
+
+def quantize_counting_runs(model: ir.Model, data) -> tuple[dict, int]:
+    """Static U8 InsertQDQ on the weight MatMuls: (Q scales by tensor, calibration runs)."""
+    from qpass.passes.insert_qdq import InsertQDQ
+    from qpass.schemes import ACTIVATION_UINT8
+
+    context = Context(data, model.graph, batch_size=8, progress=False)
+    runs, run = [], context.run
+    context.run = lambda *a, **k: runs.append(1) or run(*a, **k)
+    InsertQDQ(context, activations=ACTIVATION_UINT8, op_types=("MatMul",), computed_weights=False)(
+        model
+    )
+    scales = {
+        n.inputs[0].name: n.inputs[1].const_value.numpy()
+        for n in model.graph
+        if n.op_type == "QuantizeLinear"
+    }
+    return scales, len(runs)
+
+
+def test_insert_qdq_reuses_the_ranges_smoothquant_measured():
+    """After SmoothQuant, a min-max InsertQDQ runs no calibration of its own and gets the
+    scales a calibration run of the smoothed graph gives."""
+    from qpass.calibration import OBSERVED_RANGE
+
+    data = block_data()
+    smoothed, _ = apply(block_graph(0, pre_ln=True), [SmoothQuant(alpha=0.5)], data)
+    fresh = smoothed.clone()
+    for node in fresh.graph:
+        for value in node.outputs:
+            value.meta.pop(OBSERVED_RANGE, None)
+    reused, runs = quantize_counting_runs(smoothed, data)
+    calibrated, fresh_runs = quantize_counting_runs(fresh, data)
+    assert (runs, fresh_runs) == (0, 1)
+    assert reused.keys() == calibrated.keys() and len(reused) == 5
+    for name, scale in reused.items():
+        np.testing.assert_allclose(scale, calibrated[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("alpha", "ok"), [("auto", True), ("0.6", True), ("1.5", False)])
+def test_cli_alpha_option(tmp_path, alpha, ok):
+    from qpass import cli
+
+    model, calib = tmp_path / "block.onnx", tmp_path / "calib.npz"
+    onnx.save(block_graph(0, pre_ln=True), model)
+    np.savez(calib, **block_data())
+    argv = [
+        "compile",
+        str(model),
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--preset",
+        "w8a8-smoothquant",
+        "--calib",
+        str(calib),
+        "--alpha",
+        alpha,
+        "-q",
+    ]
+    if ok:
+        assert cli.main(argv) == 0 and (tmp_path / "out.onnx").exists()
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2

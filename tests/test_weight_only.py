@@ -205,11 +205,11 @@ def test_gptq_pass_beats_rtn_on_the_model_output_and_quantizes_block_by_block():
     pass_ = GPTQ(context, weights=scheme)
     original = pass_._quantize_stage
 
-    def spy(m, stage, description):
+    def spy(m, runner, stage, description):
         stage_names.append([n.name for n in stage])
         # what the stage sees: earlier stages already dequantize int4 weights
         assert sum(n.op_type == "DequantizeLinear" for n in m.graph) == len(stage_names) - 1
-        return original(m, stage, description)
+        return original(m, runner, stage, description)
 
     pass_._quantize_stage = spy
     pass_(gptq)
@@ -348,3 +348,41 @@ def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         rt.session(str(path)).run(None, {"x": x})[0], compiled.run({"x": x})[0]
     )
+
+
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+def test_staged_calibration_sees_what_a_full_run_of_the_quantized_graph_sees(
+    captured_llama, sequential
+):
+    """Resuming each stage from the kept frontier gives the same H as running the whole graph
+    whose earlier stages are quantized, stage after stage."""
+    from qpass.passes._blockwise import (
+        StagedCalibration,
+        ensure_weight_opset,
+        quantization_stages,
+        replace_weight,
+        weight_matmuls,
+    )
+    from qpass.passes._graph import constant
+
+    model = captured_llama.clone()
+    ensure_weight_opset(model)
+    ids = np.random.default_rng(2).integers(0, 256, (6, 12))
+    context = qpass.Context({"input_ids": ids}, model.graph, batch_size=4, progress=False)
+    runner = StagedCalibration(context)
+    scheme = QuantScheme("uint4", group_size=32)
+    stages = quantization_stages(weight_matmuls(model.graph), sequential)
+    assert len(stages) == (8 if sequential == "layer" else 2)
+    for stage in stages:
+        staged = runner.statistics(model, stage, GPTQSolver, "staged")
+        names = list(staged)
+        full = {name: GPTQSolver(staged[name].xtx.shape[0]) for name in names}
+        for outputs in context.run(model, names, only=True):
+            for name, x in outputs.items():
+                full[name].add_batch(x)
+        for name in names:
+            assert staged[name].rows == full[name].rows == 6 * 12
+            np.testing.assert_allclose(staged[name].xtx, full[name].xtx, rtol=1e-5, atol=1e-5)
+        for node in stage:
+            replace_weight(model.graph, node, *quantize_rtn(constant(node.inputs[1]), scheme),
+                           scheme)

@@ -71,11 +71,12 @@ class Context:
         outputs are dropped): the cheap way to reach an early layer of a deep model.
         """
         # ORT keeps every requested tensor; it may still fuse what nobody asked to see.
-        session = ort_runtime.session(with_outputs(model, names, only=only), arena=False)
+        serialized, weights = _with_outputs_and_fed_weights(model, names, only)
+        session = ort_runtime.session(serialized, arena=False)
         show = self.progress and progress
         for feed in tqdm(self.data, desc=description, unit="batch", disable=not show, leave=False):
             for part in self._cut(feed):
-                arrays = session.run(names, part)
+                arrays = session.run(names, {**part, **weights})
                 self._learn_rows_per_run(part, arrays)
                 yield dict(zip(names, arrays, strict=True))
 
@@ -100,7 +101,24 @@ def with_outputs(model: ir.Model | bytes, names: list[str], only: bool = False) 
     With `only`, the graph outputs just `names`, without the nodes and initializers that do not
     lead to them.
     """
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
+    return _with_outputs_and_fed_weights(model, names, only, feed_weights=False)[0]
+
+
+def _with_outputs_and_fed_weights(
+    model: ir.Model | bytes, names: list[str], only: bool, feed_weights: bool = True
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """`with_outputs`, where the float initializers of an IR model of `FED_BYTES` or more (read
+    by standard ONNX ops only: contrib ops may need constants) become graph inputs, returned as
+    the arrays to feed with every run: ONNX Runtime reads fed arrays in place, so the weights
+    are not copied into a protobuf, its serialization and the session (three copies of the
+    model otherwise)."""
+    weights: dict[str, np.ndarray] = {}
+    if isinstance(model, bytes):
+        proto = onnx.load_from_string(model)
+    elif feed_weights:
+        proto, weights = _proto_without_large_weights(model)
+    else:
+        proto = ir.to_proto(model)
     if only:
         del proto.graph.output[:]
     existing = {o.name for o in proto.graph.output}
@@ -109,7 +127,49 @@ def with_outputs(model: ir.Model | bytes, names: list[str], only: bool = False) 
             proto.graph.output.add().name = name
     if only:
         _prune(proto.graph, set(names))
-    return proto.SerializeToString()
+        nodes = proto.graph.node
+        read = set(names).union(*(n.input for n in nodes), *(_subgraph_reads(n) for n in nodes))
+        inputs = [i for i in proto.graph.input if i.name not in weights or i.name in read]
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
+        weights = {k: v for k, v in weights.items() if k in read}
+    return proto.SerializeToString(), weights
+
+
+FED_BYTES = 1 << 16
+_FED_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)  # numpy-native types
+
+
+def _proto_without_large_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`ir.to_proto(model)` with the large float initializers turned into graph inputs."""
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    large = [
+        v
+        for v in graph.initializers.values()
+        if v.name not in inputs
+        and v.const_value is not None
+        and v.const_value.dtype in _FED_TYPES
+        and v.const_value.nbytes >= FED_BYTES
+        and all(u.node.domain in ("", "ai.onnx") for u in v.uses())
+    ]
+    tensors = [v.const_value for v in large]
+    serde_logger = logging.getLogger("onnx_ir.serde")  # it warns of initializers without data
+    level = serde_logger.level
+    try:
+        serde_logger.setLevel(logging.ERROR)
+        for v in large:
+            v.const_value = None
+        proto = ir.to_proto(model)
+    finally:
+        serde_logger.setLevel(level)
+        for v, tensor in zip(large, tensors, strict=True):
+            v.const_value = tensor
+    for v, tensor in zip(large, tensors, strict=True):
+        proto.graph.input.append(
+            onnx.helper.make_tensor_value_info(v.name, tensor.dtype.value, tensor.shape.numpy())
+        )
+    return proto, {v.name: t.numpy() for v, t in zip(large, tensors, strict=True)}
 
 
 def _prune(graph: onnx.GraphProto, needed: set[str]) -> None:

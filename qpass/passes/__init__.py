@@ -1,6 +1,8 @@
 """Graph passes, one per file: each an `onnx_ir.passes.InPlacePass`."""
 
 from qpass.passes.absorb_high_bias import AbsorbHighBias
+from qpass.passes.adaround import AdaRound
+from qpass.passes.awq import AWQ
 from qpass.passes.correct_bias import CorrectBias
 from qpass.passes.equalize import EqualizeCrossLayer
 from qpass.passes.fold_bn import FoldBatchNorm
@@ -9,6 +11,9 @@ from qpass.passes.fold_pad import FoldPadIntoConv
 from qpass.passes.fuse_requant import FuseRequant
 from qpass.passes.gptq import GPTQ
 from qpass.passes.insert_qdq import InsertQDQ
+from qpass.passes.keep_leading_float import KeepLeadingLayersFloat
+from qpass.passes.lorc import LowRankCompensation
+from qpass.passes.lower_int4_plugin import LowerToInt4Plugin
 from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
 from qpass.passes.lower_matmulnbits import LowerToMatMulNBits
 from qpass.passes.lower_onnxruntime import LowerForOnnxRuntime
@@ -19,8 +24,10 @@ from qpass.passes.sensitivity import KeepSensitiveFloat
 from qpass.passes.smoothquant import SmoothQuant
 
 __all__ = [
+    "AWQ",
     "GPTQ",
     "AbsorbHighBias",
+    "AdaRound",
     "CorrectBias",
     "EqualizeCrossLayer",
     "FoldBatchNorm",
@@ -28,10 +35,13 @@ __all__ = [
     "FoldPadIntoConv",
     "FuseRequant",
     "InsertQDQ",
+    "KeepLeadingLayersFloat",
     "KeepSensitiveFloat",
+    "LowRankCompensation",
     "LowerForOnnxRuntime",
     "LowerForTensorRT",
     "LowerIntegerMatMul",
+    "LowerToInt4Plugin",
     "LowerToMatMulNBits",
     "QuantizeDynamicPerToken",
     "RoundToNearest",

@@ -11,10 +11,11 @@ from threadpoolctl import threadpool_limits
 
 from qpass.calibration import Context
 from qpass.passes._blockwise import (
-    block_index,
+    StagedCalibration,
     ensure_weight_opset,
     group_ranges,
     grouped,
+    quantization_stages,
     replace_weight,
     weight_matmuls,
 )
@@ -100,11 +101,13 @@ class GPTQ(ir.passes.InPlacePass):
     1. The model's opset is raised to 21 if it is lower.
     2. MatMuls are quantized stage by stage in graph order: a stage is one transformer block (the
        `layers.N` of the captured torch module path) or, without that metadata or with
-       `sequential="layer"`, the MatMuls that read one tensor. Stage k's inputs are computed by the
-       graph whose earlier stages are already quantized (rule 3), so later layers see and
-       compensate the error of earlier ones.
+       `sequential="layer"` (the paper's "true sequential" order), the MatMuls that read one
+       tensor. Stage k's inputs are computed by the graph whose earlier stages are already
+       quantized, so later layers see and compensate the error of earlier ones.
     3. For each MatMul input x of the stage, H = 2/n Σ xxᵀ is accumulated batch by batch over the
-       calibration set (only the graph up to the stage runs; memory: one K x K matrix per input).
+       calibration set; each run resumes from the values kept at the previous stage
+       (`StagedCalibration`: the graph runs about twice in all; memory: one K x K matrix per
+       input plus one frontier of activations).
     4. MatMul(x, W)  ==>  MatMul(x, DequantizeLinear(q, s, z; axis=0, block_size=g)) where q comes
        from GPTQ on H + λI (λ = `damp` x mean diag H), in lazy blocks of `block_size` columns,
        optionally in order of decreasing diag H (`act_order`, with groups fixed in the original
@@ -136,32 +139,21 @@ class GPTQ(ir.passes.InPlacePass):
         self.sequential = sequential
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not weight_matmuls(model.graph, self.exclude, self.lm_head):
+        targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
+        if not targets:
             return ir.passes.PassResult(model, modified=False)
         if self.context is None:
             raise ValueError("GPTQ needs calibration data (a Context)")
         ensure_weight_opset(model)
-        stages = self._stages(weight_matmuls(model.graph, self.exclude, self.lm_head))
+        stages = quantization_stages(targets, self.sequential)
+        runner = StagedCalibration(self.context)
         for index, stage in enumerate(stages):
-            self._quantize_stage(model, stage, f"GPTQ stage {index + 1}/{len(stages)}")
-        count = sum(map(len, stages))
-        logger.info("GPTQ quantized %d MatMul weights in %d stages", count, len(stages))
+            self._quantize_stage(model, runner, stage, f"GPTQ stage {index + 1}/{len(stages)}")
+        logger.info("GPTQ quantized %d MatMul weights in %d stages", len(targets), len(stages))
         return ir.passes.PassResult(model, modified=True)
 
-    def _stages(self, targets: list[ir.Node]) -> list[list[ir.Node]]:
-        stages: dict[tuple, list[ir.Node]] = {}
-        for node in targets:
-            block = block_index(node) if self.sequential == "block" else None
-            key = ("block", block) if block is not None else ("input", node.inputs[0].name)
-            stages.setdefault(key, []).append(node)
-        return list(stages.values())
-
-    def _quantize_stage(self, model: ir.Model, stage: list[ir.Node], description: str) -> None:
-        names = list(dict.fromkeys(node.inputs[0].name for node in stage))
-        solvers: dict[str, GPTQSolver] = {}
-        for outputs in self.context.run(model, names, description, only=True):
-            for name, x in outputs.items():
-                solvers.setdefault(name, GPTQSolver(x.shape[-1])).add_batch(x)
+    def _quantize_stage(self, model, runner: StagedCalibration, stage, description) -> None:
+        solvers = runner.statistics(model, stage, GPTQSolver, description)
         for node in stage:
             solver = solvers[node.inputs[0].name]
             q, scale, zero = solver.quantize(constant(node.inputs[1]), self.weights, **self.options)

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.calibration import Context, MinMaxObserver
+from qpass.calibration import OBSERVED_RANGE, Context, MinMaxObserver
 from qpass.passes._graph import attribute, constant, initializer, is_op, set_constant
 from qpass.schemes import ACTIVATION_UINT8, WEIGHT_INT8, QuantScheme
 
@@ -18,7 +18,7 @@ SMOOTHQUANT_MULS = "qpass.smoothquant_muls"
 absorb the smoothing factors (one line per activation)."""
 
 ALPHA_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
-_MAX_ROWS = 256  # activation rows kept per tensor for the auto-alpha search
+_MAX_ROWS = 128  # activation rows kept per tensor for the auto-alpha search
 
 
 class SmoothQuant(ir.passes.InPlacePass):
@@ -33,12 +33,14 @@ class SmoothQuant(ir.passes.InPlacePass):
        taken over the rows j of every weight in the group, so one s serves them all.
     2. alpha is the given one, or (alpha=None) the value in `alphas` minimizing the summed squared
        output error of the group's layers quantized with `activations` (per-tensor, range from
-       the observed channel extrema / s) or per token (`per_token=True`) and `weights`, on up
-       to 1024 sampled rows of X.
+       the observed channel extrema / s) or per token (`per_token=True`) and `weights`, on
+       128 rows of X sampled evenly from the first calibration batches.
     3. Each weight W becomes diag(s) W (Gemm with transB: W diag(s)).
     4. 1/s is folded into the producer of X when X has no other reader: a LayerNormalization's
        scale and bias, or the output columns (and bias) of a MatMul/Gemm (+ constant Add).
     5. Otherwise X -> Mul(X, 1/s) -> group, logged and listed in model.meta[SMOOTHQUANT_MULS].
+    6. The smoothed tensor's calibration range (the observed channel extrema / s) is kept in its
+       `meta[OBSERVED_RANGE]`, so a min-max InsertQDQ after it runs no calibration of its own.
 
     Before quantization the float function is unchanged (up to float rounding).
     """
@@ -82,6 +84,10 @@ class SmoothQuant(ir.passes.InPlacePass):
             if not _try_absorb_into_producer(model.graph, x, group, 1.0 / s):
                 _insert_mul(model.graph, x, group, 1.0 / s)
                 muls.append(f"{x.name} -> {', '.join(n.name for n in group)}")
+            minmax = stats[x.name].minmax
+            group[0].inputs[0].meta[OBSERVED_RANGE] = (
+                float(np.min(minmax.low / s)), float(np.max(minmax.high / s))
+            )
         model.meta[SMOOTHQUANT_MULS] = muls
         if muls:
             logger.info(
@@ -101,29 +107,24 @@ class SmoothQuant(ir.passes.InPlacePass):
 
     def _factors(self, group: list[ir.Node], stats: _ChannelStats) -> np.ndarray:
         x_max = np.maximum(np.abs(stats.minmax.low), np.abs(stats.minmax.high)).astype(np.float64)
-        w_max = np.max([np.abs(_rows(n)).max(axis=1) for n in group], axis=0).astype(np.float64)
-        alphas = (self.alpha,) if self.alpha is not None else self.alphas
-        best, best_error = None, np.inf
-        x = stats.rows() if len(alphas) > 1 else None
-        references = (
-            {id(n): x @ _rows(n).astype(np.float32) for n in group} if x is not None else {}
-        )
-        for alpha in alphas:
-            s = _smoothing_factors(x_max, w_max, alpha)
-            if len(alphas) == 1:
-                best = s
-                break
-            error = sum(self._layer_error(n, stats, x, references[id(n)], s) for n in group)
-            if error < best_error:
-                best, best_error = s, error
-                self.chosen[group[0].inputs[0].name] = alpha
+        w = np.concatenate([_rows(n) for n in group], axis=1).astype(np.float32)  # [K, ΣN]
+        w_max = np.abs(w).max(axis=1).astype(np.float64)
+        key = group[0].inputs[0].name
         if self.alpha is not None:
-            self.chosen[group[0].inputs[0].name] = self.alpha
-        return best
+            self.chosen[key] = self.alpha
+            return _smoothing_factors(x_max, w_max, self.alpha)
+        x = stats.rows()
+        reference = x @ w
+        errors = {
+            a: self._group_error(stats, x, w, reference, _smoothing_factors(x_max, w_max, a))
+            for a in self.alphas
+        }
+        self.chosen[key] = min(errors, key=errors.get)
+        return _smoothing_factors(x_max, w_max, self.chosen[key])
 
-    def _layer_error(self, node, stats: _ChannelStats, x, reference, s: np.ndarray) -> float:
-        """Squared error of the W8A8 layer output after smoothing by s, on the sampled rows x."""
-        w = _rows(node).astype(np.float32)
+    def _group_error(self, stats: _ChannelStats, x, w, reference, s: np.ndarray) -> float:
+        """Squared error of the group's W8A8 outputs after smoothing by s, on the sampled rows x
+        (the group's weights side by side: per-channel weight scales are per output column)."""
         s = s.astype(np.float32)
         xs, ws = x / s, w * s[:, None]
         if self.per_token:

