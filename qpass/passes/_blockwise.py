@@ -10,6 +10,7 @@ numbers transposed and packed (see `pack_matmulnbits`).
 from __future__ import annotations
 
 import ast
+import logging
 import re
 
 import numpy as np
@@ -121,6 +122,45 @@ def quantization_stages(targets: list[ir.Node], sequential: str = "block") -> li
         key = ("block", block) if block is not None else ("input", node.inputs[0].name)
         stages.setdefault(key, []).append(node)
     return list(stages.values())
+
+
+class StagedWeightPass(ir.passes.InPlacePass):
+    """Base of the calibrated weight-only passes (GPTQ, AWQ): the constant-weight MatMuls
+    (`weight_matmuls`) are quantized stage by stage (`quantization_stages`), each stage from the
+    statistics of a `StagedCalibration` run of the graph whose earlier stages are already
+    quantized. Subclasses name themselves in `label` and implement `_quantize_stage`."""
+
+    label = "weight quantization"
+
+    def __init__(self, context, weights: QuantScheme, exclude, lm_head: bool, sequential: str):
+        super().__init__()
+        if sequential not in ("block", "layer"):
+            raise ValueError(f"sequential must be 'block' or 'layer', not {sequential!r}")
+        self.context = context
+        self.weights = weights
+        self.exclude = frozenset(exclude)
+        self.lm_head = lm_head
+        self.sequential = sequential
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
+        if not targets:
+            return ir.passes.PassResult(model, modified=False)
+        if self.context is None:
+            raise ValueError(f"{self.label} needs calibration data (a Context)")
+        ensure_weight_opset(model)
+        stages = quantization_stages(targets, self.sequential)
+        runner = StagedCalibration(self.context)
+        for index, stage in enumerate(stages):
+            description = f"{self.label} stage {index + 1}/{len(stages)}"
+            self._quantize_stage(model, runner, stage, description)
+        logging.getLogger(type(self).__module__).info(
+            "%s quantized %d MatMul weights in %d stages", self.label, len(targets), len(stages)
+        )
+        return ir.passes.PassResult(model, modified=True)
+
+    def _quantize_stage(self, model: ir.Model, runner, stage: list[ir.Node], description: str):
+        raise NotImplementedError
 
 
 class StagedCalibration:

@@ -9,14 +9,11 @@ import onnx_ir as ir
 
 from qpass.calibration import Context
 from qpass.passes._blockwise import (
-    StagedCalibration,
+    StagedWeightPass,
     dequantize,
-    ensure_weight_opset,
     grouped,
-    quantization_stages,
     quantize_with_ranges,
     replace_weight,
-    weight_matmuls,
 )
 from qpass.passes._graph import constant, is_op, set_constant
 from qpass.passes.rtn import WEIGHT_UINT4_G128
@@ -68,7 +65,7 @@ def group_errors(h: np.ndarray, d: np.ndarray, g: int) -> np.ndarray:
     ])
 
 
-class AWQ(ir.passes.InPlacePass):
+class AWQ(StagedWeightPass):
     """Activation-aware weight quantization (Lin et al. 2023, "AWQ: Activation-aware Weight
     Quantization for LLM Compression and Acceleration"), group-wise, weight-only.
 
@@ -90,6 +87,8 @@ class AWQ(ir.passes.InPlacePass):
        round to nearest within the clipped range. lm_head stays in float unless `lm_head=True`.
     """
 
+    label = "AWQ"
+
     def __init__(
         self,
         context: Context | None = None,
@@ -101,35 +100,15 @@ class AWQ(ir.passes.InPlacePass):
         clips: tuple[float, ...] = CLIP_GRID,
         sequential: str = "block",
     ):
-        super().__init__()
-        self.context = context
-        self.weights = weights
-        self.exclude = frozenset(exclude)
-        self.lm_head = lm_head
+        super().__init__(context, weights, exclude, lm_head, sequential)
         self.alphas, self.clips = tuple(alphas), tuple(clips)
-        self.sequential = sequential
         self.chosen: dict[str, float] = {}
         """alpha chosen per activation (after the pass ran; 0 where nothing absorbs 1/s)."""
         self.factors: dict[str, np.ndarray] = {}
         """s per scaled activation: its MatMuls now apply diag(s) W to x / s."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
-        if not targets:
-            return ir.passes.PassResult(model, modified=False)
-        if self.context is None:
-            raise ValueError("AWQ needs calibration data (a Context)")
-        ensure_weight_opset(model)
-        stages = quantization_stages(targets, self.sequential)
-        runner = StagedCalibration(self.context)
-        for index, stage in enumerate(stages):
-            description = f"AWQ stage {index + 1}/{len(stages)}"
-            stats = runner.statistics(model, stage, InputStatistics, description)
-            self._quantize_stage(model, stage, stats)
-        logger.info("AWQ quantized %d MatMul weights in %d stages", len(targets), len(stages))
-        return ir.passes.PassResult(model, modified=True)
-
-    def _quantize_stage(self, model: ir.Model, stage: list[ir.Node], stats: dict) -> None:
+    def _quantize_stage(self, model: ir.Model, runner, stage: list[ir.Node], description: str):
+        stats = runner.statistics(model, stage, InputStatistics, description)
         groups: dict[str, list[ir.Node]] = {}
         for node in stage:
             groups.setdefault(node.inputs[0].name, []).append(node)

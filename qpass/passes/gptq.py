@@ -6,18 +6,15 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 
 from qpass.calibration import Context
 from qpass.passes._blockwise import (
     StagedCalibration,
-    ensure_weight_opset,
+    StagedWeightPass,
     group_ranges,
     grouped,
-    quantization_stages,
     replace_weight,
-    weight_matmuls,
 )
 from qpass.passes._graph import constant
 from qpass.passes.rtn import WEIGHT_UINT4_G128
@@ -92,7 +89,7 @@ class GPTQSolver:
         return q.astype(scheme.np_dtype), scale, zero
 
 
-class GPTQ(ir.passes.InPlacePass):
+class GPTQ(StagedWeightPass):
     """Quantize MatMul weights with GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training
     Quantization for Generative Pre-trained Transformers"), group-wise, weight-only.
 
@@ -116,6 +113,8 @@ class GPTQ(ir.passes.InPlacePass):
     5. The final projection stays in float unless `lm_head=True`.
     """
 
+    label = "GPTQ"
+
     def __init__(
         self,
         context: Context | None = None,
@@ -128,29 +127,8 @@ class GPTQ(ir.passes.InPlacePass):
         act_order: bool = False,
         sequential: str = "block",
     ):
-        super().__init__()
-        if sequential not in ("block", "layer"):
-            raise ValueError(f"sequential must be 'block' or 'layer', not {sequential!r}")
-        self.context = context
-        self.weights = weights
-        self.exclude = frozenset(exclude)
-        self.lm_head = lm_head
+        super().__init__(context, weights, exclude, lm_head, sequential)
         self.options = {"block_size": block_size, "damp": damp, "act_order": act_order}
-        self.sequential = sequential
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
-        if not targets:
-            return ir.passes.PassResult(model, modified=False)
-        if self.context is None:
-            raise ValueError("GPTQ needs calibration data (a Context)")
-        ensure_weight_opset(model)
-        stages = quantization_stages(targets, self.sequential)
-        runner = StagedCalibration(self.context)
-        for index, stage in enumerate(stages):
-            self._quantize_stage(model, runner, stage, f"GPTQ stage {index + 1}/{len(stages)}")
-        logger.info("GPTQ quantized %d MatMul weights in %d stages", len(targets), len(stages))
-        return ir.passes.PassResult(model, modified=True)
 
     def _quantize_stage(self, model, runner: StagedCalibration, stage, description) -> None:
         solvers = runner.statistics(model, stage, GPTQSolver, description)
