@@ -45,17 +45,17 @@ from benchmarks.common import REPO, peak_rss_mb, run_worker
 BATCH = 8  # calibration batch size, for ORT and qpass alike
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
-# per-tensor INT8 weights (issue 3): ORT MinMax as the anchor; qpass without and with data-free
+# per-tensor INT8 weights: ORT MinMax as the anchor; qpass without and with data-free
 # quantization (CLE + high-bias absorption + bias correction), both from an export that keeps
 # BatchNormalization (fp32_bn.onnx), whose statistics high-bias absorption reads
 PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
                    ("qpass per-tensor", "qpass", "int8-tensor-plain"),
                    ("qpass per-tensor CLE+BA+BC", "qpass", "int8-tensor"))
-# W4A8 (issue 3): per-channel INT4 weights (int4 DequantizeLinear -> float Conv), U8 activations,
+# W4A8: per-channel INT4 weights (int4 DequantizeLinear -> float Conv), U8 activations,
 # round to nearest vs AdaRound
 W4A8_ROWS = (("qpass W4A8 RTN", "qpass", "w4a8-rtn"),
              ("qpass W4A8 AdaRound", "qpass", "w4a8"))
-# FP8 E4M3 and FP4-weight W4A8 (issue 6), ONNX Runtime simulation: "PRESET[:SCALE_CONSTRAINT]"
+# FP8 E4M3 and FP4-weight W4A8, ONNX Runtime simulation: "PRESET[:SCALE_CONSTRAINT]"
 # "fl9+bc": the first 9 weighted layers in float and bias correction (the fp8 preset's options)
 _FL9_BC = "float_layers=9:correct_bias=true"
 FLOAT_FORMAT_ROWS = (("qpass fp8", "qpass", "fp8"),

@@ -41,7 +41,7 @@ BATCH = 32
 MAX_LENGTH = 128
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 QPASS_PRESETS = ("w8a8-dynamic", "w8a8-smoothquant")
-# FP8 E4M3 and W4A8-FP (FP4 weights), ONNX Runtime simulation (issue 6): preset names as above
+# FP8 E4M3 and W4A8-FP (FP4 weights), ONNX Runtime simulation: preset names as above
 FLOAT_FORMAT_PRESETS = ("fp8", "w4a8-fp")
 WORKER_TIMEOUT_S = 1800
 
