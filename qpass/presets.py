@@ -36,10 +36,25 @@ def int8(
 ) -> list[ir.passes.PassBase]:
     """INT8 for ONNX Runtime: S8 symmetric per-channel weights, U8 per-tensor activations."""
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
+    return _for_onnxruntime(
+        InsertQDQ(weights=WEIGHT_INT8, activations=activations, exclude=exclude)
+    )
+
+
+def _for_onnxruntime(
+    quantize: InsertQDQ, refine=None, before: tuple[ir.passes.PassBase, ...] = ()
+) -> list[ir.passes.PassBase]:
+    """The CNN pipeline for ONNX Runtime: canonicalization, BatchNorm folding, `before`, the
+    quantizing pass and `refine` (a pass that reads the float model through its `snapshot()`
+    placed before quantization: CorrectBias, AdaRound), then FuseRequant and the lowering."""
+    snapshot, refined = ([refine.snapshot()], [refine]) if refine is not None else ([], [])
     return [
         *canonicalize(),
         FoldBatchNorm(),
-        InsertQDQ(weights=WEIGHT_INT8, activations=activations, exclude=exclude),
+        *before,
+        *snapshot,
+        quantize,
+        *refined,
         FuseRequant(),
         LowerForOnnxRuntime(),
     ]
@@ -63,19 +78,9 @@ def int8_tensor(
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
     quantize = InsertQDQ(weights=WEIGHT_INT8_TENSOR, activations=activations, exclude=exclude)
     if not data_free:
-        return [*canonicalize(), FoldBatchNorm(), quantize, FuseRequant(), LowerForOnnxRuntime()]
-    correct = CorrectBias()
-    return [
-        *canonicalize(),
-        FoldBatchNorm(),
-        EqualizeCrossLayer(allow_relu6=allow_relu6),
-        AbsorbHighBias(),
-        correct.snapshot(),
-        quantize,
-        correct,
-        FuseRequant(),
-        LowerForOnnxRuntime(),
-    ]
+        return _for_onnxruntime(quantize)
+    equalize = (EqualizeCrossLayer(allow_relu6=allow_relu6), AbsorbHighBias())
+    return _for_onnxruntime(quantize, CorrectBias(), before=equalize)
 
 
 WEIGHT_INT4_CHANNEL = QuantScheme(dtype="int4", per_channel=True, symmetric=True)
@@ -99,18 +104,7 @@ def w4a8(
 
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
     quantize = InsertQDQ(weights=WEIGHT_INT4_CHANNEL, activations=activations, exclude=exclude)
-    if not adaround:
-        return [*canonicalize(), FoldBatchNorm(), quantize, FuseRequant(), LowerForOnnxRuntime()]
-    rounding = AdaRound(iterations=iterations)
-    return [
-        *canonicalize(),
-        FoldBatchNorm(),
-        rounding.snapshot(),
-        quantize,
-        rounding,
-        FuseRequant(),
-        LowerForOnnxRuntime(),
-    ]
+    return _for_onnxruntime(quantize, AdaRound(iterations=iterations) if adaround else None)
 
 
 def w4a8_rtn(

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qpass.passes._graph import constant, initializer, is_op, raise_opset
+from qpass.passes._graph import attribute, constant, initializer, is_op, raise_opset
 from qpass.schemes import QuantScheme
 
 WEIGHT_OPSET = 21
@@ -306,6 +306,34 @@ def replace_weight(
     if old.is_initializer() and not old.uses() and not old.is_graph_output():
         graph.initializers.pop(old.name)
     return dq
+
+
+FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
+
+
+def packable_group(g: int) -> bool:
+    """A block size the packed 4-bit kernels take (MatMulNBits, the INT4 GEMM plugin)."""
+    return g >= 16 and not g & (g - 1)
+
+
+def is_packable_weight(dq: ir.Node) -> bool:
+    """A DequantizeLinear of a constant 4-bit [K, N] weight, blockwise on axis 0 with a packable
+    block size, constant scales (and zero points), read only as the weight of MatMuls."""
+    if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in FOUR_BIT:
+        return False
+    q = constant(dq.inputs[0])
+    if q is None or q.ndim != 2 or attribute(dq, "axis", 1) != 0:
+        return False
+    if not packable_group(attribute(dq, "block_size", 0)) or constant(dq.inputs[1]) is None:
+        return False
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None and constant(dq.inputs[2]) is None:
+        return False
+    readers = dq.outputs[0].uses()
+    return (
+        bool(readers)
+        and not dq.outputs[0].is_graph_output()
+        and all(is_op(use.node, "MatMul") and use.idx == 1 for use in readers)
+    )
 
 
 def ensure_weight_opset(model: ir.Model) -> None:

@@ -7,12 +7,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._blockwise import dequantize, weight_matmuls
+from qpass.passes._blockwise import FOUR_BIT, dequantize, weight_matmuls
 from qpass.passes._graph import attribute, constant, initializer, is_op
 
 logger = logging.getLogger(__name__)
-
-_FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
 
 
 class LowRankCompensation(ir.passes.InPlacePass):
@@ -84,7 +82,7 @@ def _dequantized_weight(node: ir.Node) -> np.ndarray | None:
     if not is_op(node, "MatMul") or node.inputs[1] is None:
         return None
     dq = node.inputs[1].producer()
-    if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in _FOUR_BIT:
+    if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in FOUR_BIT:
         return None
     q, scale = constant(dq.inputs[0]), constant(dq.inputs[1])
     zero = constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None

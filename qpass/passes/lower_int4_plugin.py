@@ -7,13 +7,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._blockwise import quantize_rtn
+from qpass.passes._blockwise import is_packable_weight, packable_group, quantize_rtn
 from qpass.passes._graph import attribute, constant, initializer, is_op
 from qpass.schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
 
-_FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
 WEIGHT_INT4_G128 = QuantScheme(dtype="int4", symmetric=True, group_size=128)
 
 
@@ -56,7 +55,7 @@ class LowerToInt4Plugin(ir.passes.InPlacePass):
         graph = model.graph
         counts = {"matmul": 0, "conv": 0}
         for node in list(graph):
-            if _lowerable_dequantize(node):
+            if is_packable_weight(node):
                 counts["matmul"] += self._lower_matmuls(graph, node)
             elif self.convolutions and self._is_pointwise_conv(node):
                 self._lower_conv(graph, node)
@@ -96,7 +95,7 @@ class LowerToInt4Plugin(ir.passes.InPlacePass):
         if attribute(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return False
         g = self.weights.group_size or w.shape[1]
-        return _kernel_group(g)
+        return packable_group(g)
 
     def _lower_conv(self, graph: ir.Graph, conv: ir.Node) -> None:
         w = constant(conv.inputs[1])
@@ -128,28 +127,6 @@ class LowerToInt4Plugin(ir.passes.InPlacePass):
             initializer(graph, f"{base}.int4_scales", scales.astype(np.float32)),
             initializer(graph, f"{base}.int4_zero_points", zero_points),
         ]
-
-
-def _kernel_group(g: int) -> bool:
-    return g >= 16 and not g & (g - 1)
-
-
-def _lowerable_dequantize(dq: ir.Node) -> bool:
-    if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in _FOUR_BIT:
-        return False
-    q = constant(dq.inputs[0])
-    if q is None or q.ndim != 2 or attribute(dq, "axis", 1) != 0:
-        return False
-    if not _kernel_group(attribute(dq, "block_size", 0)) or constant(dq.inputs[1]) is None:
-        return False
-    if len(dq.inputs) > 2 and dq.inputs[2] is not None and constant(dq.inputs[2]) is None:
-        return False
-    readers = dq.outputs[0].uses()
-    return (
-        bool(readers)
-        and not dq.outputs[0].is_graph_output()
-        and all(is_op(use.node, "MatMul") and use.idx == 1 for use in readers)
-    )
 
 
 def _plugin(weights: list[ir.Value], x: ir.Value, g: int, k: int, name: str | None) -> ir.Node:

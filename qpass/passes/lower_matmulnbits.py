@@ -7,13 +7,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._blockwise import pack_matmulnbits
-from qpass.passes._graph import attribute, constant, initializer, is_op
+from qpass.passes._blockwise import is_packable_weight, pack_matmulnbits
+from qpass.passes._graph import attribute, constant, initializer
 
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-_FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
 
 
 class LowerToMatMulNBits(ir.passes.InPlacePass):
@@ -40,30 +39,12 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         lowered = 0
         for node in list(model.graph):
-            if self._is_lowerable(node):
+            if is_packable_weight(node):
                 lowered += self._lower(model.graph, node)
         if lowered:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             logger.info("lowered %d MatMuls to MatMulNBits", lowered)
         return ir.passes.PassResult(model, modified=lowered > 0)
-
-    def _is_lowerable(self, dq: ir.Node) -> bool:
-        if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in _FOUR_BIT:
-            return False
-        q = constant(dq.inputs[0])
-        g = attribute(dq, "block_size", 0)
-        if q is None or q.ndim != 2 or attribute(dq, "axis", 1) != 0:
-            return False
-        if g < 16 or g & (g - 1) or constant(dq.inputs[1]) is None:
-            return False
-        if len(dq.inputs) > 2 and dq.inputs[2] is not None and constant(dq.inputs[2]) is None:
-            return False
-        readers = dq.outputs[0].uses()
-        return (
-            bool(readers)
-            and not dq.outputs[0].is_graph_output()
-            and all(is_op(use.node, "MatMul") and use.idx == 1 for use in readers)
-        )
 
     def _lower(self, graph: ir.Graph, dq: ir.Node) -> int:
         q, scale = constant(dq.inputs[0]), constant(dq.inputs[1])
