@@ -17,8 +17,9 @@ without and with cross-layer equalization, high-bias absorption and bias correct
 second export that keeps BatchNormalization, whose statistics high-bias absorption reads).
 
 W4A8 (per-channel INT4 weights, U8 activations): qpass's `w4a8-rtn` (round to nearest) and `w4a8`
-(AdaRound) presets. ONNX Runtime has no INT4 convolution: the int4 weights go through opset-21
-DequantizeLinear and the convolutions run in float. `--rows TEXT...` runs FP32 and only the rows
+(AdaRound on blocks of layers, and with `--block-layers 1` layer by layer) presets. ONNX
+Runtime has no INT4 convolution: the int4 weights go through opset-21 DequantizeLinear and the
+convolutions run in float. `--rows TEXT...` runs FP32 and only the rows
 whose label contains one of the texts (e.g. `--rows W4A8`).
 
 Latency: this machine's CPU time is noisy, so all rows of a model are timed in interleaved rounds
@@ -50,11 +51,13 @@ QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
 # BatchNormalization (fp32_bn.onnx), whose statistics high-bias absorption reads
 PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
                    ("qpass per-tensor", "qpass", "int8-tensor-plain"),
-                   ("qpass per-tensor CLE+BA+BC", "qpass", "int8-tensor"))
+                   ("qpass per-tensor CLE+BA+BC", "qpass", "int8-tensor"),
+                   ("qpass per-tensor CLE+BA+AdaRound+BC", "qpass", "int8-tensor:adaround=true"))
 # W4A8: per-channel INT4 weights (int4 DequantizeLinear -> float Conv), U8 activations,
 # round to nearest vs AdaRound
 W4A8_ROWS = (("qpass W4A8 RTN", "qpass", "w4a8-rtn"),
-             ("qpass W4A8 AdaRound", "qpass", "w4a8"))
+             ("qpass W4A8 AdaRound layer by layer", "qpass", "w4a8:block_layers=1"),
+             ("qpass W4A8 AdaRound blocks", "qpass", "w4a8"))
 # FP8 E4M3 and FP4-weight W4A8, ONNX Runtime simulation: "PRESET[:SCALE_CONSTRAINT]"
 # "fl9+bc": the first 9 weighted layers in float and bias correction (the fp8 preset's options)
 _FL9_BC = "float_layers=9:correct_bias=true"
@@ -128,20 +131,19 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
     else:
         from qpass import cli
 
-        preset = method if method.startswith("int8-") or method in ("w4a8", "w4a8-rtn") else "int8"
-        if method.startswith(("fp8", "w4a8-fp")):  # "PRESET:CONSTRAINT[:option=value...]"
-            parts = method.split(":")
-            preset, constraint, extra = parts[0], (parts[1:2] or ["float"])[0], parts[2:]
-            method = preset
+        # METHOD is a calibrator, a preset, or "PRESET[:SCALE_CONSTRAINT][:option=value...]"
+        preset, *extra = method.split(":")
+        if not preset.startswith(("int8-", "w4a8", "fp8")):
+            preset = "int8"
         argv = ["compile", model, "-o", out, "--preset", preset, "--calib", calib, "-q",
                 "--batch-size", batch]
-        argv += [] if method in ("default", preset) else ["--calibrator", method]
+        argv += [] if method.split(":")[0] in ("default", preset) else ["--calibrator", method]
         if preset in ("fp8", "w4a8-fp"):
-            argv += ["--scale-constraint", constraint]
-            for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=true"
-                key, value = option.split("=")
-                flag = f"--{key.replace('_', '-')}"
-                argv += [flag] if value == "true" else [flag, value]
+            argv += ["--scale-constraint", extra.pop(0) if extra else "float"]
+        for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=true"
+            key, value = option.split("=")
+            flag = f"--{key.replace('_', '-')}"
+            argv += [flag] if value == "true" else [flag, value]
         start = time.perf_counter()
         rc = cli.main(argv)
     wall = time.perf_counter() - start

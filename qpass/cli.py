@@ -76,7 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-float", type=int, help="w8a8-*: leave the N most sensitive layers in float"
     )
     c.add_argument(
-        "--iterations", type=int, help="w4a8: AdaRound optimization steps per layer (default 500)"
+        "--iterations",
+        type=int,
+        help="w4a8, int8-tensor --adaround: AdaRound steps per block or layer (default 500)",
+    )
+    c.add_argument(
+        "--adaround",
+        action="store_true",
+        help="int8-tensor: learn each weight's rounding (AdaRound) before bias correction",
+    )
+    c.add_argument(
+        "--block-layers",
+        type=int,
+        help="w4a8: layers whose rounding is learned together on their block's output "
+        "(default 4; 1: layer by layer)",
     )
     c.add_argument(
         "--alpha",
@@ -138,7 +151,8 @@ def _compile(args) -> int:
     options.update(symmetric=args.symmetric or None, act_order=args.act_order or None)
     options.update(keep_float=args.keep_float or None, scale_constraint=args.scale_constraint)
     options.update(storage=args.storage, float_layers=args.float_layers)
-    options.update(iterations=args.iterations)
+    options.update(iterations=args.iterations, block_layers=args.block_layers)
+    options["adaround"] = args.adaround or None
     options["correct_bias"] = args.correct_bias or None
     options["alpha"] = args.alpha
     options["lorc_rank"] = args.lorc_rank

@@ -42,19 +42,19 @@ def int8(
 
 
 def _for_onnxruntime(
-    quantize: InsertQDQ, refine=None, before: tuple[ir.passes.PassBase, ...] = ()
+    quantize: InsertQDQ, *refine, before: tuple[ir.passes.PassBase, ...] = ()
 ) -> list[ir.passes.PassBase]:
     """The CNN pipeline for ONNX Runtime: canonicalization, BatchNorm folding, `before`, the
-    quantizing pass and `refine` (a pass that reads the float model through its `snapshot()`
-    placed before quantization: CorrectBias, AdaRound), then FuseRequant and the lowering."""
-    snapshot, refined = ([refine.snapshot()], [refine]) if refine is not None else ([], [])
+    quantizing pass and the `refine` passes in order (passes that read the float model through
+    their `snapshot()` placed before quantization: AdaRound, CorrectBias), then FuseRequant and
+    the lowering."""
     return [
         *canonicalize(),
         FoldBatchNorm(),
         *before,
-        *snapshot,
+        *(p.snapshot() for p in refine),
         quantize,
-        *refined,
+        *refine,
         FuseRequant(),
         LowerForOnnxRuntime(),
     ]
@@ -69,18 +69,24 @@ def int8_tensor(
     *,
     allow_relu6: bool = False,
     data_free: bool = True,
+    adaround: bool = False,
+    iterations: int = 500,
 ) -> list[ir.passes.PassBase]:
     """INT8 with one scale per weight tensor (for targets without per-channel weight scales),
     recovered as in Nagel et al. 2019: cross-layer equalization, high-bias absorption, then
     empirical bias correction on the calibration data. `allow_relu6=True` lets equalization
     replace ReLU6 by ReLU between layers (changes the float model); `data_free=False` leaves the
-    three passes out (the plain per-tensor baseline)."""
+    three passes out (the plain per-tensor baseline); `adaround=True` learns the rounding of
+    each weight (AdaRound, layer by layer, `iterations` steps) before the bias correction."""
+    from qpass.passes.adaround import AdaRound
+
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
     quantize = InsertQDQ(weights=WEIGHT_INT8_TENSOR, activations=activations, exclude=exclude)
     if not data_free:
         return _for_onnxruntime(quantize)
     equalize = (EqualizeCrossLayer(allow_relu6=allow_relu6), AbsorbHighBias())
-    return _for_onnxruntime(quantize, CorrectBias(), before=equalize)
+    rounding = [AdaRound(iterations=iterations)] if adaround else []
+    return _for_onnxruntime(quantize, *rounding, CorrectBias(), before=equalize)
 
 
 WEIGHT_INT4_CHANNEL = QuantScheme(dtype="int4", per_channel=True, symmetric=True)
@@ -92,19 +98,27 @@ def w4a8(
     *,
     adaround: bool = True,
     iterations: int = 500,
+    block_layers: int = 4,
 ) -> list[ir.passes.PassBase]:
     """W4A8 for CNNs: S4 symmetric per-channel weights (one scale per output channel) and U8
     per-tensor activations on every Conv, Gemm and MatMul with a constant weight, the weights'
-    rounding learned layer by layer by AdaRound (Nagel et al. 2020) on the calibration data;
-    `adaround=False` rounds to nearest (the baseline), `iterations` sets AdaRound's steps per
-    layer. ONNX Runtime has no INT4 convolution kernel: the int4 weights are stored as int4 and
-    read through opset-21 DequantizeLinear, the convolution runs in float on Q/DQ activations
-    (adds and pools still fuse into QLinear kernels)."""
+    rounding learned on the calibration data block by block (BlockAdaRound: AdaRound, Nagel et
+    al. 2020, on the output of blocks of up to `block_layers` layers, as BRECQ, Li et al. 2021;
+    1: layer by layer); `adaround=False` rounds to nearest (the baseline), `iterations` sets
+    the optimization steps per block. ONNX Runtime has no INT4 convolution kernel: the int4
+    weights are stored as int4 and read through opset-21 DequantizeLinear, the convolution
+    runs in float on Q/DQ activations (adds and pools still fuse into QLinear kernels)."""
     from qpass.passes.adaround import AdaRound
+    from qpass.passes.block_adaround import BlockAdaRound
 
     activations = QuantScheme(dtype="uint8", method=calibrator or DEFAULT_CALIBRATOR)
     quantize = InsertQDQ(weights=WEIGHT_INT4_CHANNEL, activations=activations, exclude=exclude)
-    return _for_onnxruntime(quantize, AdaRound(iterations=iterations) if adaround else None)
+    rounding = (
+        AdaRound(iterations=iterations)
+        if block_layers == 1
+        else BlockAdaRound(iterations=iterations, block_layers=block_layers)
+    )
+    return _for_onnxruntime(quantize, *([rounding] if adaround else []))
 
 
 def w4a8_rtn(

@@ -21,11 +21,11 @@ from qpass.presets import WEIGHT_INT4_CHANNEL, canonicalize
 LAYERS = ("Conv", "Gemm", "MatMul")
 
 
-def adarounded(proto: onnx.ModelProto, calibration: dict, **options):
-    """(float model after BN folding, W4A8 model with AdaRound, the AdaRound pass)."""
+def adarounded(proto: onnx.ModelProto, calibration: dict, kind=AdaRound, **options):
+    """(float model after BN folding, W4A8 model with AdaRound (or `kind`), the pass)."""
     model = ir.from_proto(proto)
     context = Context(calibration, model.graph, progress=False)
-    rounding = AdaRound(context, **options)
+    rounding = kind(context, **options)
     ir.passes.PassManager([*canonicalize(), FoldBatchNorm()])(model)
     reference = ir.to_proto(model)
     for p in (rounding.snapshot(), InsertQDQ(context, weights=WEIGHT_INT4_CHANNEL), rounding):

@@ -3,6 +3,7 @@
 from qpass.passes.absorb_high_bias import AbsorbHighBias
 from qpass.passes.adaround import AdaRound
 from qpass.passes.awq import AWQ
+from qpass.passes.block_adaround import BlockAdaRound
 from qpass.passes.correct_bias import CorrectBias
 from qpass.passes.equalize import EqualizeCrossLayer
 from qpass.passes.fold_bn import FoldBatchNorm
@@ -28,6 +29,7 @@ __all__ = [
     "GPTQ",
     "AbsorbHighBias",
     "AdaRound",
+    "BlockAdaRound",
     "CorrectBias",
     "EqualizeCrossLayer",
     "FoldBatchNorm",
