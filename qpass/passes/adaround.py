@@ -50,7 +50,8 @@ class AdaRound(ir.passes.InPlacePass):
     3. A layer whose learned rounding reconstructs its calibration rows worse than round to
        nearest keeps round to nearest: on all its rows, or, with `held_out` > 0, on that
        fraction of them kept out of the learning (off by default: on EfficientNet-Lite0 W4A8,
-       holding out a fifth of the rows gave 82.00 top-1, none 82.11).
+       holding out a fifth of the rows gave 82.00 top-1, none 82.11, with the paper's
+       absolute objective).
 
     Memory is bounded by one layer's sampled rows: at most `rows` input patches (Conv) or rows
     (Gemm/MatMul), and at most `row_bytes` of them, spread evenly over the calibration samples
