@@ -14,7 +14,7 @@ from qpass.cli import main
 from qpass.passes import FoldBatchNorm, InsertQDQ, block_adaround
 from qpass.passes.adaround import AdaRound
 from qpass.passes.block_adaround import BlockAdaRound, _blocks, _Program
-from qpass.presets import WEIGHT_INT4_CHANNEL, canonicalize, w4a8
+from qpass.presets import WEIGHT_INT4_CHANNEL, canonicalize, int8_tensor, w4a8
 
 
 def rounded(proto: onnx.ModelProto, calibration: dict, **options):
@@ -148,6 +148,9 @@ def test_presets_pick_the_rounding_pass():
     assert sum(isinstance(p, BlockAdaRound) for p in w4a8()) == 1
     layerwise = [p for p in w4a8(block_layers=1) if isinstance(p, AdaRound)]
     assert len(layerwise) == 1 and not isinstance(layerwise[0], BlockAdaRound)
+    names = [type(p).__name__ for p in int8_tensor(adaround=True)]
+    assert names.index("InsertQDQ") < names.index("AdaRound") < names.index("CorrectBias")
+    assert "AdaRound" not in [type(p).__name__ for p in int8_tensor()]
 
 
 def test_a_block_with_an_op_it_does_not_cover_is_rounded_layer_by_layer(
