@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from qpass.plugins.int4_gemm import pack_nibbles, unpack_nibbles
 from qpass.runtime import onnxruntime as rt
 
 import qpass
@@ -14,10 +15,8 @@ from qpass.passes import GPTQ, LowerToMatMulNBits, RoundToNearest
 from qpass.passes._blockwise import (
     dequantize,
     pack_matmulnbits,
-    pack_nibbles,
     quantize_rtn,
     unpack_matmulnbits,
-    unpack_nibbles,
 )
 from qpass.passes.gptq import GPTQSolver
 from qpass.schemes import QuantScheme

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qpass.passes._graph import attribute, constant, initializer, is_op, raise_opset
+from qpass.plugins.int4_gemm import pack, unpack_nibbles
 from qpass.schemes import QuantScheme
 
 WEIGHT_OPSET = 21
@@ -344,20 +345,6 @@ def ensure_weight_opset(model: ir.Model) -> None:
 # -------------------------------------------------------------- com.microsoft.MatMulNBits layout
 
 
-def pack_nibbles(u: np.ndarray) -> np.ndarray:
-    """Pack 4-bit values (last axis, even length) two per byte, the first in the low nibble."""
-    u = u.astype(np.uint8)
-    return (u[..., 0::2] & 0x0F) | ((u[..., 1::2] & 0x0F) << 4)
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """Inverse of `pack_nibbles`: [..., m] uint8 -> [..., 2m] values 0..15."""
-    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out
-
-
 def pack_matmulnbits(
     q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -367,19 +354,10 @@ def pack_matmulnbits(
     uint8 [N, ceil(nb/2)] packed like B, or None where they are all 8 (the op's default).
     Signed int4 values and zero points move to uint4 by adding 8: (q + 8) - (z + 8) = q - z.
     """
-    k, n = q.shape
-    nb = -(-k // g)
-    offset = 8 if _signed(q) else 0
-    u = np.zeros((n, nb * g), np.uint8)
-    u[:, :k] = (q.astype(np.int32) + offset).T
-    b = pack_nibbles(u.reshape(n, nb, g))
-    z = np.zeros((nb, n), np.int32) if zero is None else zero.astype(np.int32)
-    z = (z + offset).T  # [N, nb]
-    if (z == 8).all():
-        return b, np.ascontiguousarray(scale.T, np.float32), None
-    if nb % 2:
-        z = np.concatenate([z, np.zeros((n, 1), np.int32)], axis=1)
-    return b, np.ascontiguousarray(scale.T, np.float32), pack_nibbles(z)
+    b, scales, zero_points = pack(q, scale, zero, g)  # the plugin's layout: zero points always
+    if (unpack_nibbles(zero_points)[:, : scales.shape[1]] == 8).all():
+        zero_points = None
+    return b, scales, zero_points
 
 
 def unpack_matmulnbits(
@@ -393,7 +371,3 @@ def unpack_matmulnbits(
     else:
         z = unpack_nibbles(zero_points.reshape(n, -1))[:, :nb].T
     return u, scales.T, z
-
-
-def _signed(q: np.ndarray) -> bool:
-    return np.dtype(q.dtype).name == "int4" or np.issubdtype(q.dtype, np.signedinteger)
