@@ -452,9 +452,13 @@ class _Rounding:
             progress(1)
         with torch.no_grad():
             learned = self._integers((v >= 0).double().numpy())
-            check = slice(rows, None) if held_out else slice(None)
-            errors = [self._error(q, x, y) for q in (learned, self.integers)]
-            errors += [self._error(q, x[:, check], y[:, check]) for q in (learned, self.integers)]
+            nearest = self._error(self.integers, x, y) if held_out else unit  # unit: all rows
+            errors = [self._error(learned, x, y), nearest]
+            if held_out:
+                x_out, y_out = x[:, rows:], y[:, rows:]
+                errors += [self._error(q, x_out, y_out) for q in (learned, self.integers)]
+            else:
+                errors += errors
         kept = errors[1] < errors[0] or errors[3] < errors[2]
         changed = float(np.mean(learned != self.integers))
         if not kept:

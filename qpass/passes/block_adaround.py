@@ -77,9 +77,9 @@ class BlockAdaRound(AdaRound):
                 if (program := _Program.of(block)) is not None:
                     self._round_block(model, block, program, number)
                     continue
-                for layer in block.layers:
+                for layer in block.layers:  # one float target each (rows seeded by index)
                     index = layers.index(layer)
-                    target = self._float_targets(layers, index)[index]
+                    target = self._float_targets(layers[: index + 1], index)[index]
                     self.results[layer.output] = self._round_layer(
                         model, layer, index, len(layers), target
                     )
@@ -227,6 +227,7 @@ class _Program:
     def __init__(self, block: _Block):
         self.block = block
         self.layer_weights = {layer.dq.outputs[0].name: i for i, layer in enumerate(block.layers)}
+        self.constants: dict[str, object] = {}  # torch tensors of constants, made once
 
     @classmethod
     def of(cls, block: _Block) -> _Program | None:
@@ -255,17 +256,23 @@ class _Program:
                 return None
             if v.name in values:
                 return values[v.name]
-            return torch.tensor(np.asarray(constant(v), np.float32))
+            if v.name not in self.constants:
+                self.constants[v.name] = torch.tensor(np.asarray(constant(v), np.float32))
+            return self.constants[v.name]
 
         self.macs = 0
         for node in self.block.nodes:
             out = node.outputs[0].name
             if out in self.layer_weights:
                 values[out] = weights[self.layer_weights[out]]
-            elif _is_weight_dq(node):
-                integers = constant(node.inputs[0])
-                scale, zero = _full_scale_zero(node, integers.shape)
-                values[out] = torch.from_numpy((scale * (integers - zero)).astype(np.float32))
+            elif _is_weight_dq(node):  # a bias, or the weight of a layer not in the block
+                if out not in self.constants:
+                    integers = constant(node.inputs[0])
+                    scale, zero = _full_scale_zero(node, integers.shape)
+                    self.constants[out] = torch.from_numpy(
+                        (scale * (integers - zero)).astype(np.float32)
+                    )
+                values[out] = self.constants[out]
             else:
                 inputs = [read(v) for v in node.inputs]
                 values[out] = _OPS[node.op_type](node, inputs)
