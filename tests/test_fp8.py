@@ -1,5 +1,7 @@
 """FP8 E4M3 schemes, Q/DQ insertion and the fp8 preset, checked against ONNX Runtime."""
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -55,6 +57,36 @@ def test_constrained_scales_keep_weight_accuracy():
     for constraint in ("pow2", "pow2-group"):
         scheme = QuantScheme(dtype=FP8, per_channel=True, scale_constraint=constraint)
         assert sqnr_db(w, fake_quantize_weight(scheme, w.astype(np.float32))) >= 25
+
+
+@pytest.mark.parametrize("dtype", [FP8, "int8"])
+def test_pow2_group_weights_take_the_base_with_the_least_error(dtype):
+    """Per-channel pow2-group weight scales share one base B (every scale B / 2^k, within
+    [S_i, 2 S_i) of its float scale, a zero channel keeps scale 1) and round the tensor with
+    no more error than the plain M2 base B = S_max."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(4, (48, 96)) * np.exp(rng.uniform(-4, 1, 48))[:, None]
+    w[7] = 0.0
+    w = w.astype(np.float32)
+    scheme = QuantScheme(dtype=dtype, per_channel=True, symmetric=True,
+                         scale_constraint="pow2-group")
+    scale, zero = _weight_params(scheme, w, 0)
+    free, _ = dataclasses.replace(scheme, scale_constraint="float").scale_zero_point(
+        w.min(1), w.max(1)
+    )
+    live = np.arange(48) != 7
+    assert scale[7] == 1.0
+    assert np.all(scale[live] >= free[live] * (1 - 1e-6)) and np.all(scale[live] < 2 * free[live])
+    exponent = np.log2(scale[live].max() / scale[live].astype(np.float64))
+    np.testing.assert_allclose(exponent, np.round(exponent), atol=1e-6)
+    plain, _ = scheme.scale_zero_point(w.min(1), w.max(1))  # B = S_max
+    error = {
+        name: np.sum((w - scheme.fake_quantize(w, s[:, None], zero[:, None])) ** 2)
+        for name, s in (("searched", scale), ("plain", plain))
+    }
+    assert error["searched"] <= error["plain"]
+    if dtype == FP8:  # on a float grid the base decides where each channel's top binade falls
+        assert error["searched"] < error["plain"]
 
 
 def _ort_quantize_dequantize(x: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -350,7 +350,28 @@ def _weight_params(scheme: QuantScheme, weight: np.ndarray, axis: int):
         low, high = low * best, high * best
     if not scheme.per_channel:
         low, high = low[0], high[0]
+    elif scheme.scale_constraint == "pow2-group":
+        return _pow2_group_params(scheme, rows, low, high)
     return scheme.scale_zero_point(low, high)
+
+
+def _pow2_group_params(scheme: QuantScheme, rows: np.ndarray, low, high, steps: int = 32):
+    """pow2-group scales S_i = B / 2^floor(log2(B / S_i)) (each within [S_i, 2 S_i) of its
+    float scale S_i, so no channel saturates) for the common base B, among S_max * 2^(-j/steps),
+    j < steps, that gives the tensor the smallest squared rounding error. B = S_max, the plain
+    M2 rule, is one candidate; where a float grid has the same relative precision at every
+    scale (FP8), B decides where each channel's largest value lands in its top binade."""
+    scale, zero = dataclasses.replace(scheme, scale_constraint="float").scale_zero_point(low, high)
+    live = high > low
+    raw = np.where(live, scale, 0.0)
+    best, best_error = None, np.inf
+    for base in raw.max() * np.exp2(-np.arange(steps) / steps):
+        candidate = np.where(live, scheme.constrain(raw, largest=base), 1.0).astype(np.float32)
+        fake = scheme.fake_quantize(rows, candidate[:, None], zero[:, None])
+        error = np.sum((rows - fake) ** 2)
+        if error < best_error:
+            best, best_error = candidate, error
+    return best, zero
 
 
 def _expand(array: np.ndarray, axis: int, ndim: int) -> np.ndarray:
