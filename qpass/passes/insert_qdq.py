@@ -328,7 +328,8 @@ def _is_plain_gemm(node: ir.Node) -> bool:
 
 def _weight_params(scheme: QuantScheme, weight: np.ndarray, axis: int):
     """Scale and zero point of a weight: its min-max range, or with method "mse" the range
-    shrunk by the factor in [0.5, 1] that minimizes each channel's squared rounding error."""
+    shrunk by the factor in [0.5, 1] that minimizes each channel's squared rounding error;
+    per-channel pow2-group scales take the common base with the least error."""
     rows = (
         np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
         if scheme.per_channel
