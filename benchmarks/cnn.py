@@ -22,8 +22,9 @@ Runtime has no INT4 convolution: the int4 weights go through opset-21 Dequantize
 convolutions run in float. `--rows TEXT...` runs FP32 and only the rows
 whose label contains one of the texts (e.g. `--rows W4A8`).
 
-Latency: this machine's CPU time is noisy, so all rows of a model are timed in interleaved rounds
-and the table shows each row's best round median (all round medians are in the JSON).
+Latency: this machine's CPU time is noisy, so all rows of a model are timed in interleaved rounds;
+the table shows each row's best round median (all round medians are in the JSON) and ratios as
+the median over rounds of the two rows' medians in the same round.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, peak_rss_mb, run_worker
+from benchmarks.common import REPO, paired_ratio, peak_rss_mb, run_worker
 
 BATCH = 8  # calibration batch size, for ORT and qpass alike
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -297,9 +298,9 @@ def add_ratios(rows: list[dict]) -> None:
         r["agree_fp32"] = float(np.mean(np.asarray(r.pop("predictions")) == reference))
         r["best_ort_row"] = best["row"] if best else None
         for b in (1, 8):
-            key = f"latency_b{b}_ms"
-            r[f"ratio_fp32_b{b}"] = r[key] / base[key]
-            r[f"ratio_best_ort_b{b}"] = r[key] / best[key] if best else None
+            key = f"latency_b{b}_rounds_ms"
+            r[f"ratio_fp32_b{b}"] = paired_ratio(r[key], base[key])
+            r[f"ratio_best_ort_b{b}"] = paired_ratio(r[key], best[key]) if best else None
 
 
 # ---------------------------------------------------------------- output

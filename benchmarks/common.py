@@ -1,4 +1,5 @@
-"""Pieces every benchmark shares: compile workers in their own process, peak memory."""
+"""Pieces every benchmark shares: compile workers in their own process, peak memory, latency
+ratios."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +40,10 @@ def run_worker(module: str, args: list[str], out: Path, timeout_s: float) -> dic
         tail = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
         return {"error": f"exit {proc.returncode}: {tail}"}
     return json.loads(lines[-1])
+
+
+def paired_ratio(rounds_ms: list[float], reference_rounds_ms: list[float]) -> float:
+    """Median over interleaved rounds of one model's latency over another's in the same round:
+    the machine's slow and fast spells hit both alike, where a ratio of best rounds compares
+    one model's luckiest moment with another's."""
+    return float(np.median(np.divide(rounds_ms, reference_rounds_ms)))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, run_worker
+from benchmarks.common import REPO, paired_ratio, run_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -244,8 +244,9 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append([r["row"], "ERROR: " + r["error"].splitlines()[-1][:150]])
             continue
-        ratio = {s: (r[f"{s}_ms"] / base[f"{s}_ms"] if base and f"{s}_ms" in r
-                     and f"{s}_ms" in base else None) for s in ("1x1", "1x128")}
+        ratio = {s: (paired_ratio(r[f"{s}_rounds_ms"], base[f"{s}_rounds_ms"])
+                     if base and f"{s}_rounds_ms" in r and f"{s}_rounds_ms" in base else None)
+                 for s in ("1x1", "1x128")}
         lines.append([
             r["row"], fmt(r.get("ppl"), ".3f"),
             fmt(r["ppl"] - base["ppl"] if base and "ppl" in r else None, "+.3f"),

@@ -1,0 +1,20 @@
+"""Benchmark statistics: latency ratios compare rows measured in the same round."""
+
+import pytest
+
+from benchmarks.common import paired_ratio
+
+
+def test_paired_ratio_ignores_one_rows_lucky_round():
+    """Two equally fast models on a machine whose speed drifts between rounds: the reference
+    has one fast spell (0.24 ms) the other model missed. The best-round ratio reads 1.12x;
+    the paired ratio reads 1.0x."""
+    drift = [0.28, 0.31, 0.30, 0.27, 0.28, 0.27, 0.28]
+    reference = [*drift[:-1], 0.24]
+    assert min(drift) / min(reference) == pytest.approx(0.27 / 0.24)
+    assert paired_ratio(drift, reference) == pytest.approx(1.0)
+
+
+def test_paired_ratio_sees_a_steady_slowdown():
+    reference = [0.28, 0.31, 0.30, 0.27, 0.24]
+    assert paired_ratio([1.2 * t for t in reference], reference) == pytest.approx(1.2)
