@@ -181,23 +181,27 @@ def export(model: str, example: np.ndarray, path: Path, optimize: bool = True) -
 
 
 def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1 (batch 50), predicted classes, and the op types ORT runs after its fusions."""
+    """Top-1 (batch 50), the logits, and the op types ORT runs after its fusions."""
     from qpass.runtime.onnxruntime import optimized_op_types, session
 
     from benchmarks.data import top1
 
     sess = session(str(path))
     name = sess.get_inputs()[0].name
-    predictions = []
+    outputs = []
 
     def logits(x: np.ndarray) -> np.ndarray:
-        out = sess.run(None, {name: x})[0]
-        predictions.append(out.argmax(axis=1))
-        return out
+        outputs.append(sess.run(None, {name: x})[0])
+        return outputs[-1]
 
     acc = top1(logits, images, labels, batch=50)
-    return {"top1": acc, "predictions": np.concatenate(predictions).tolist(),
+    return {"top1": acc, "logits": np.concatenate(outputs),
             "op_types": optimized_op_types(str(path))}
+
+
+def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
+    error = np.sum((reference.astype(np.float64) - value) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(np.sum(reference**2.0) / error))
 
 
 def measure_latency(rows: list[dict], images: np.ndarray, rounds: int, repeat: int) -> None:
@@ -284,18 +288,21 @@ def bench_model(model: str, work: Path, quick: bool, only: list[str] | None = No
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Add delta vs FP32 (points), agreement with FP32's predicted classes (a steadier measure of
-    fidelity than top-1 on a few hundred images) and latency ratios to FP32 and to the
+    """Add delta vs FP32 (points), agreement with FP32's predicted classes and the SQNR of the
+    logits against FP32's (steadier measures of fidelity than top-1 on a few hundred images,
+    where a few flipped images decide a comparison), and latency ratios to FP32 and to the
     best-accuracy ORT row."""
     ok = [r for r in rows if "error" not in r]
-    base = next(r for r in ok if r["tool"] == "fp32")  # first: its predictions are popped last
+    base = next(r for r in ok if r["tool"] == "fp32")
     # the per-tensor anchor answers another question: it is not a candidate for "best ORT"
     ort_rows = [r for r in ok if r["tool"] == "ort" and not r["method"].endswith("-tensor")]
     best = max(ort_rows, key=lambda r: r["top1"]) if ort_rows else None
-    reference = np.asarray(base["predictions"])
+    reference = base["logits"]
     for r in ok:
         r["delta_pts"] = 100 * (r["top1"] - base["top1"])
-        r["agree_fp32"] = float(np.mean(np.asarray(r.pop("predictions")) == reference))
+        logits = r.pop("logits")
+        r["agree_fp32"] = float(np.mean(logits.argmax(1) == reference.argmax(1)))
+        r["logits_sqnr_db"] = sqnr_db(reference, logits)
         r["best_ort_row"] = best["row"] if best else None
         for b in (1, 8):
             key = f"latency_b{b}_rounds_ms"
@@ -308,8 +315,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     """Aligned text table of one model's rows."""
-    header = ["row", "top1%", "Δpts", "agree%", "b1 ms", "b8 ms", "b1/fp32", "b8/fp32", "b1/ORT*",
-              "b8/ORT*", "compile s", "RSS MB", *KERNELS]
+    header = ["row", "top1%", "Δpts", "agree%", "SQNR dB", "b1 ms", "b8 ms", "b1/fp32", "b8/fp32",
+              "b1/ORT*", "b8/ORT*", "compile s", "RSS MB", *KERNELS]
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -322,7 +329,7 @@ def table(rows: list[dict]) -> str:
         k = r.get("kernels", {})
         lines.append([
             r["row"], fmt(100 * r["top1"], ".2f"), fmt(r["delta_pts"], "+.2f"),
-            fmt(100 * r["agree_fp32"], ".2f"),
+            fmt(100 * r["agree_fp32"], ".2f"), fmt(r["logits_sqnr_db"], ".1f"),
             fmt(r["latency_b1_ms"], ".2f"), fmt(r["latency_b8_ms"], ".2f"),
             fmt(r["ratio_fp32_b1"], ".2f"), fmt(r["ratio_fp32_b8"], ".2f"),
             fmt(r["ratio_best_ort_b1"], ".2f"), fmt(r["ratio_best_ort_b8"], ".2f"),

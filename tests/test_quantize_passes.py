@@ -251,3 +251,54 @@ def test_concat_inputs_share_the_output_scale(tiny_calibration):
     x = tiny_calibration["input"][:4]
     expected = run_onnx(proto, {"input": x})[0]
     assert sqnr_db(expected, run_onnx(ir.to_proto(model), {"input": x})[0]) > 25
+
+
+def test_scale_is_shared_through_a_chain_of_scale_preserving_ops(tiny_calibration):
+    """Rule 2 through ResNet's option-A shortcut (Slice -> Slice -> Pad with zero channels): the
+    Q after the chain takes the scale of the DQ before it, so the shortcut's integers are
+    exactly the strided, zero-padded integers of its input (no second rounding)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "w2")
+    ints = {name: numpy_helper.from_array(np.array(v, np.int64), name) for name, v in {
+        "start": [0, 0], "end": [2**31, 2**31], "axes": [2, 3], "step": [2, 2],
+        "cstart": [0], "cend": [4], "caxis": [1], "pads": [0, 2, 0, 0, 0, 2, 0, 0],
+    }.items()}
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["a"], pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["branch"], pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Slice", ["r", "start", "end", "axes", "step"], ["s1"]),
+        helper.make_node("Slice", ["s1", "cstart", "cend", "caxis"], ["s2"]),
+        helper.make_node("Pad", ["s2", "pads"], ["shortcut"]),
+        helper.make_node("Add", ["branch", "shortcut"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shortcut",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w, w2, *ints.values()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.from_proto(quantize(proto, tiny_calibration, lower=False))
+    pad = next(n for n in model.graph if n.op_type == "Pad")
+    pad_q = pad.outputs[0].consumers()[0]
+    source = pad
+    while source.op_type != "DequantizeLinear":
+        source = source.inputs[0].producer()
+    for i in (1, 2):
+        np.testing.assert_array_equal(
+            pad_q.inputs[i].const_value.numpy(), source.inputs[i].const_value.numpy()
+        )
+    probe = ir.to_proto(model)
+    probe.graph.output.extend([
+        helper.make_tensor_value_info(source.outputs[0].name, TensorProto.FLOAT, None),
+        helper.make_tensor_value_info(pad_q.outputs[0].consumers()[0].outputs[0].name,
+                                      TensorProto.FLOAT, None),
+    ])
+    _, dequantized, shortcut = run_onnx(probe, {"input": tiny_calibration["input"][:4]})
+    expected = np.pad(dequantized[:, :, ::2, ::2], [(0, 0), (2, 2), (0, 0), (0, 0)])
+    np.testing.assert_array_equal(shortcut, expected)

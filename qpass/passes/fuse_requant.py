@@ -38,10 +38,12 @@ class FuseRequant(ir.passes.InPlacePass):
     1. x -> Relu/Clip -> Q(s, z)  ==>  x -> Q(s, z)  when the representable range
        [s(qmin - z), s(qmax - z)] lies within the clamp bounds: Q's saturation already clamps.
        This is what lets ONNX Runtime fuse Conv+ReLU6 into one QLinearConv.
-    2. DQ(s, z) -> op -> Q(s', z')  ==>  DQ(s, z) -> op -> Q(s, z)  for a scale-preserving op
-       (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Identity, zero Pad):
-       one scale is shared through the op, the requantization becomes exact, and ONNX Runtime
-       runs the op on integers.
+    2. DQ(s, z) -> op ... op -> Q(s', z')  ==>  DQ(s, z) -> op ... op -> Q(s, z)  for a chain
+       of scale-preserving ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice,
+       Identity, zero Pad), e.g. ResNet's option-A shortcut Slice -> Slice -> Pad: one scale is
+       shared through the chain, the requantization becomes exact (the values are already on
+       the grid of s) where a second rounding onto s' was, and ONNX Runtime runs a lone op on
+       integers.
     3. DQ(s, z) -> Q(s, z)  ==>  the integer tensor itself (an identity requant).
     4. Q(s, z) -> DQ(s, z) -> Q(s2, z2)  ==>  Q(s2, z2) directly from the float tensor when the
        middle DQ has no other reader and [s2 range] ⊆ [s range]: one rounding instead of two.
@@ -87,11 +89,9 @@ class FuseRequant(ir.passes.InPlacePass):
         return True
 
     def _try_share_scale(self, node: ir.Node) -> bool:
-        if not is_op(node, *SCALE_PRESERVING_OPS) or not node.inputs or node.inputs[0] is None:
+        if not _is_scale_preserving(node):
             return False
-        if node.op_type == "Pad" and not _pads_with_zero(node):
-            return False
-        dq = node.inputs[0].producer()
+        dq = _chain_source(node)
         q = sole_consumer(node.outputs[0])
         if not (is_op(dq, "DequantizeLinear") and is_op(q, "QuantizeLinear")):
             return False
@@ -214,6 +214,20 @@ def _within(low: float, high: float, bound_low: float, bound_high: float) -> boo
     """[low, high] ⊆ [bound_low, bound_high], up to float32 rounding of the scale."""
     slack = _RELATIVE_TOLERANCE * max(abs(low), abs(high), 1e-12)
     return low >= bound_low - slack and high <= bound_high + slack
+
+
+def _is_scale_preserving(node: ir.Node | None) -> bool:
+    if not is_op(node, *SCALE_PRESERVING_OPS) or not node.inputs or node.inputs[0] is None:
+        return False
+    return node.op_type != "Pad" or _pads_with_zero(node)
+
+
+def _chain_source(node: ir.Node) -> ir.Node | None:
+    """The producer above `node` and the scale-preserving ops right above it."""
+    source = node.inputs[0].producer()
+    while _is_scale_preserving(source):
+        source = source.inputs[0].producer()
+    return source
 
 
 def _pads_with_zero(node: ir.Node) -> bool:
