@@ -51,6 +51,7 @@ ROWS = {
     "qpass RTN g128": ("qpass-rtn", 128, "matmulnbits"),
     "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
     "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
+    "qpass GPTQ g128 no act-order": ("qpass-gptq+no-act", 128, "matmulnbits"),
     "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
     "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
     "ORT RTN g128": ("ort-rtn", 128, None),
@@ -177,10 +178,11 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
         from qpass import cli
 
         preset = {"qpass-rtn": "w4a16-rtn", "qpass-gptq": "w4a16-gptq", "qpass-awq": "w4a16-awq",
-                  "qpass-gptq-lorc": "w4a16-gptq"}[tool]
-        lorc = ["--lorc-rank", str(LORC_RANK)] if tool.endswith("-lorc") else []
+                  "qpass-gptq-lorc": "w4a16-gptq", "qpass-gptq+no-act": "w4a16-gptq"}[tool]
+        extra = ["--lorc-rank", str(LORC_RANK)] if tool.endswith("-lorc") else []
+        extra += ["--no-act-order"] if tool.endswith("+no-act") else []
         rc = cli.main(["compile", model, "-o", out, "--preset", preset, "--calib", calib,
-                       "--group-size", group, "--format", fmt, "--batch-size", "4", "-q", *lorc])
+                       "--group-size", group, "--format", fmt, "--batch-size", "4", "-q", *extra])
     wall = time.perf_counter() - start
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
     return rc
@@ -322,8 +324,8 @@ def run(args, work: Path) -> list[dict]:
         if tool != "fp32":
             path = work / f"{tool}_g{group}.onnx"
             log(f"compiling {label}")
-            args = [tool, group, fmt or "-", fp32, calib, path]
-            row.update(run_worker("benchmarks.llm", args, path, WORKER_TIMEOUT_S))
+            worker_args = [tool, group, fmt or "-", fp32, calib, path]
+            row.update(run_worker("benchmarks.llm", worker_args, path, WORKER_TIMEOUT_S))
         if "error" in row:
             log(f"{label} FAILED: {row['error'].splitlines()[-1]}")
             rows.append(row)

@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         "Runtime runs it) or as FLOAT4E2M1 (float4, opset 23; for TensorRT)",
     )
     c.add_argument("--symmetric", action="store_true", help="w4a16-*: int4 weights, no zero point")
-    c.add_argument("--act-order", action="store_true", help="w4a16-gptq: columns by diag(H)")
+    c.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        help="w4a16-gptq: quantize columns in order of decreasing diag(H) (default: on)",
+    )
     c.add_argument(
         "--lorc-rank",
         type=int,
@@ -148,7 +152,7 @@ def _compile(args) -> int:
     import qpass
 
     options = {"group_size": args.group_size, "format": args.format}
-    options.update(symmetric=args.symmetric or None, act_order=args.act_order or None)
+    options.update(symmetric=args.symmetric or None, act_order=args.act_order)
     options.update(keep_float=args.keep_float or None, scale_constraint=args.scale_constraint)
     options.update(storage=args.storage, float_layers=args.float_layers)
     options.update(iterations=args.iterations, block_layers=args.block_layers)

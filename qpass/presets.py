@@ -190,13 +190,16 @@ def w4a16_gptq(
     symmetric: bool = False,
     lm_head: bool = False,
     accuracy_level: int = 0,
-    act_order: bool = False,
+    act_order: bool = True,
     damp: float = 0.01,
     sequential: str = "block",
     lorc_rank: int = 0,
 ) -> list[ir.passes.PassBase]:
     """Weight-only 4-bit with GPTQ (block by block on the calibration data), same schemes,
-    formats and `lorc_rank` as `w4a16_rtn`."""
+    formats and `lorc_rank` as `w4a16_rtn`. `act_order` (default): columns in order of
+    decreasing diag H, so the input channels with the largest activations are rounded first
+    and their error spread over the rest (SmolLM2-135M g128, WikiText-2: perplexity 35.36 with
+    it, 38.40 without, round to nearest 38.33)."""
     scheme = _w4_scheme(group_size, symmetric)
     gptq = GPTQ(
         weights=scheme, exclude=exclude, lm_head=lm_head, act_order=act_order, damp=damp,

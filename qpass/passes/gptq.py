@@ -107,8 +107,9 @@ class GPTQ(StagedWeightPass):
        input plus one frontier of activations).
     4. MatMul(x, W)  ==>  MatMul(x, DequantizeLinear(q, s, z; axis=0, block_size=g)) where q comes
        from GPTQ on H + λI (λ = `damp` x mean diag H), in lazy blocks of `block_size` columns,
-       optionally in order of decreasing diag H (`act_order`, with groups fixed in the original
-       order so that the blockwise export holds); s and z are the scheme's, per group, from the
+       in order of decreasing diag H (`act_order`, the default; the input channels carrying
+       massive activations go first), with groups fixed in the original order so that the
+       blockwise export holds; s and z are the scheme's, per group, from the
        weights as updated when the group's first column comes (from W itself with act_order).
     5. The final projection stays in float unless `lm_head=True`.
     """
@@ -124,7 +125,7 @@ class GPTQ(StagedWeightPass):
         lm_head: bool = False,
         block_size: int = 128,
         damp: float = 0.01,
-        act_order: bool = False,
+        act_order: bool = True,
         sequential: str = "block",
     ):
         super().__init__(context, weights, exclude, lm_head, sequential)
