@@ -51,11 +51,19 @@ ROWS = {
     "qpass RTN g128": ("qpass-rtn", 128, "matmulnbits"),
     "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
     "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
-    "qpass GPTQ g128 no act-order": ("qpass-gptq+no-act", 128, "matmulnbits"),
+    "qpass GPTQ g128 no act-order": ("qpass-gptq-index-order", 128, "matmulnbits"),
     "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
     "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
+}
+# qpass tool -> (preset, extra `qpass compile` arguments)
+QPASS_TOOLS = {
+    "qpass-rtn": ("w4a16-rtn",),
+    "qpass-gptq": ("w4a16-gptq",),
+    "qpass-gptq-index-order": ("w4a16-gptq", "--no-act-order"),
+    "qpass-awq": ("w4a16-awq",),
+    "qpass-gptq-lorc": ("w4a16-gptq", "--lorc-rank", str(LORC_RANK)),
 }
 
 
@@ -177,10 +185,7 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
     else:
         from qpass import cli
 
-        preset = {"qpass-rtn": "w4a16-rtn", "qpass-gptq": "w4a16-gptq", "qpass-awq": "w4a16-awq",
-                  "qpass-gptq-lorc": "w4a16-gptq", "qpass-gptq+no-act": "w4a16-gptq"}[tool]
-        extra = ["--lorc-rank", str(LORC_RANK)] if tool.endswith("-lorc") else []
-        extra += ["--no-act-order"] if tool.endswith("+no-act") else []
+        preset, *extra = QPASS_TOOLS[tool]
         rc = cli.main(["compile", model, "-o", out, "--preset", preset, "--calib", calib,
                        "--group-size", group, "--format", fmt, "--batch-size", "4", "-q", *extra])
     wall = time.perf_counter() - start
