@@ -4,10 +4,11 @@
 
 Perplexity over the first `--tokens` tokens of WikiText-2 test.txt in non-overlapping 512-token
 windows (no BOS added; each window predicts its tokens 2..512), calibration on windows of
-valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ, AWQ and GPTQ with a
-rank-8 LoRC branch at group 128 (uint4 with zero points, lm_head and embeddings in float); ONNX
-Runtime's MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head
-excluded likewise. (Its GPTQ config is left out: it runs the float model once per distinct
+valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ (also in index order and
+with plain, not token-normalized, statistics), AWQ and GPTQ with a rank-8 LoRC branch at group
+128 (uint4 with zero points, lm_head and embeddings in float); ONNX Runtime's
+MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head excluded
+likewise. (Its GPTQ config is left out: it runs the float model once per distinct
 MatMul input, 120 runs of the calibration set for SmolLM2, over an hour here.) Every compile runs
 in its own subprocess (wall time, peak RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level
 0) of a 1-token and a 1x128 forward for FP32, ORT's g128 model and qpass's in both forms. The
@@ -17,7 +18,7 @@ Internal worker (one compile, prints JSON):
 
     python -m benchmarks.llm --worker TOOL GROUP FORMAT MODEL CALIB OUT
 
-TOOL: qpass-rtn, qpass-gptq, qpass-awq, qpass-gptq-lorc or ort-rtn.
+TOOL: a key of QPASS_TOOLS (qpass-rtn, qpass-gptq, ...) or ort-rtn.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ ROWS = {
     "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
     "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
     "qpass GPTQ g128 no act-order": ("qpass-gptq-index-order", 128, "matmulnbits"),
+    "qpass GPTQ g128 plain statistics": ("qpass-gptq-plain-tokens", 128, "matmulnbits"),
     "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
     "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
     "ORT RTN g128": ("ort-rtn", 128, None),
@@ -62,6 +64,7 @@ QPASS_TOOLS = {
     "qpass-rtn": ("w4a16-rtn",),
     "qpass-gptq": ("w4a16-gptq",),
     "qpass-gptq-index-order": ("w4a16-gptq", "--no-act-order"),
+    "qpass-gptq-plain-tokens": ("w4a16-gptq", "--no-normalize-tokens"),
     "qpass-awq": ("w4a16-awq",),
     "qpass-gptq-lorc": ("w4a16-gptq", "--lorc-rank", str(LORC_RANK)),
 }

@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         help="w4a16-gptq: quantize columns in order of decreasing diag(H) (default: on)",
     )
     c.add_argument(
+        "--normalize-tokens",
+        action=argparse.BooleanOptionalAction,
+        help="w4a16-gptq, w4a16-awq: each calibration token's input row scaled to unit norm in "
+        "the statistics, so tokens with massive activations do not outweigh the rest (default: on)",
+    )
+    c.add_argument(
         "--lorc-rank",
         type=int,
         help="w4a16-*: add a rank-r float branch for each weight's quantization error (LoRC)",
@@ -160,6 +166,7 @@ def _compile(args) -> int:
     options["correct_bias"] = args.correct_bias or None
     options["alpha"] = args.alpha
     options["lorc_rank"] = args.lorc_rank
+    options["normalize_tokens"] = args.normalize_tokens
     start = time.perf_counter()
     try:
         compiled = qpass.compile(

@@ -16,6 +16,7 @@ from qpass.passes._blockwise import (
     dequantize,
     pack_matmulnbits,
     quantize_rtn,
+    token_rows,
     unpack_matmulnbits,
 )
 from qpass.passes.gptq import GPTQSolver
@@ -137,23 +138,51 @@ def layer_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
     return float(np.sum((x.astype(np.float64) @ (w - w_hat)) ** 2))
 
 
+@pytest.mark.parametrize("normalize_tokens", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_gptq_layer_error_is_at_most_rtn(seed, act_order):
-    """||X W - X Q||² of GPTQ <= RTN's on random layers with correlated inputs, every scheme."""
+def test_gptq_layer_error_is_at_most_rtn(seed, act_order, normalize_tokens):
+    """||X W - X Q||² of GPTQ <= RTN's on random layers with correlated inputs, every scheme;
+    with `normalize_tokens`, X's rows (tokens) of unit norm: the error GPTQ then minimizes."""
     rng = np.random.default_rng(seed)
     k, n = int(rng.choice([96, 128, 200])), 40
-    x = correlated(1024, k, seed)
+    x = correlated(1024, k, seed) * rng.lognormal(0, 1, (1024, 1)).astype(np.float32)
     w = rng.normal(0, 1, (k, n)).astype(np.float32)
-    solver = GPTQSolver(k)
+    solver = GPTQSolver(k, normalize_tokens=normalize_tokens)
     for part in np.array_split(x, 4):
         solver.add_batch(part)
+    x = token_rows(x, normalize_tokens)
     for scheme in SCHEMES:
         g = scheme.group_size
         q, s, z = solver.quantize(w, scheme, act_order=act_order, block_size=32)
         gptq = layer_error(x, w, dequantize(q, s, z, g))
         rtn = layer_error(x, w, dequantize(*quantize_rtn(w, scheme), g))
         assert gptq <= rtn, (scheme, gptq, rtn)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_normalized_tokens_keep_a_massive_token_from_deciding_the_weights(seed):
+    """One token in 512 with an activation 10⁴ x the others' (the first token of a decoder's
+    window): plain E[xxᵀ] is then nearly that token's xxᵀ and GPTQ fits it alone; with unit-norm
+    token rows the other tokens' output error is lower and the massive token's relative error
+    stays small. The GPTQ pass normalizes by default."""
+    rng = np.random.default_rng(seed)
+    k, n = 256, 48
+    x = np.concatenate([correlated(511, k, seed), np.zeros((1, k), np.float32)])
+    x[-1, rng.choice(k, 2, replace=False)] = 1e4 * np.abs(x).max()
+    w = rng.normal(0, 1, (k, n)).astype(np.float32)
+    scheme = QuantScheme("uint4", group_size=128)
+    errors = {}
+    for normalize in (False, True):
+        solver = GPTQSolver(k, normalize_tokens=normalize)
+        solver.add_batch(x)
+        w_hat = dequantize(*solver.quantize(w, scheme), 128)
+        ordinary = layer_error(x[:-1], w, w_hat) / layer_error(x[:-1], w, 0 * w)
+        massive = layer_error(x[-1:], w, w_hat) / layer_error(x[-1:], w, 0 * w)
+        errors[normalize] = ordinary, massive
+    assert errors[True][0] < 0.5 * errors[False][0], errors
+    assert errors[True][1] < 0.02, errors
+    assert GPTQ().normalize_tokens
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -14,6 +14,7 @@ from qpass.passes._blockwise import (
     grouped,
     quantize_with_ranges,
     replace_weight,
+    token_rows,
 )
 from qpass.passes._graph import constant, is_op, set_constant
 from qpass.passes.rtn import WEIGHT_UINT4_G128
@@ -29,13 +30,14 @@ CLIP_GRID = tuple(1 - i / 20 for i in range(10))  # 1.0 down to 0.55
 class InputStatistics:
     """Streamed statistics of one MatMul input x [..., K]: Σ xxᵀ, Σ|x| and the row count."""
 
-    def __init__(self, columns: int):
+    def __init__(self, columns: int, normalize_tokens: bool = False):
         self.xtx = np.zeros((columns, columns))
         self.abs_sum = np.zeros(columns)
         self.rows = 0
+        self.normalize_tokens = normalize_tokens
 
     def add_batch(self, x: np.ndarray) -> None:
-        x = x.reshape(-1, x.shape[-1])
+        x = token_rows(x, self.normalize_tokens)
         self.xtx += (x.T @ x).astype(np.float64)
         self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
         self.rows += len(x)
@@ -99,8 +101,9 @@ class AWQ(StagedWeightPass):
         alphas: tuple[float, ...] = ALPHA_GRID,
         clips: tuple[float, ...] = CLIP_GRID,
         sequential: str = "block",
+        normalize_tokens: bool = True,
     ):
-        super().__init__(context, weights, exclude, lm_head, sequential)
+        super().__init__(context, weights, exclude, lm_head, sequential, normalize_tokens)
         self.alphas, self.clips = tuple(alphas), tuple(clips)
         self.chosen: dict[str, float] = {}
         """alpha chosen per activation (after the pass ran; 0 where nothing absorbs 1/s)."""
@@ -108,7 +111,7 @@ class AWQ(StagedWeightPass):
         """s per scaled activation: its MatMuls now apply diag(s) W to x / s."""
 
     def _quantize_stage(self, model: ir.Model, runner, stage: list[ir.Node], description: str):
-        stats = runner.statistics(model, stage, InputStatistics, description)
+        stats = self._statistics(model, runner, stage, InputStatistics, description)
         groups: dict[str, list[ir.Node]] = {}
         for node in stage:
             groups.setdefault(node.inputs[0].name, []).append(node)

@@ -15,6 +15,7 @@ from qpass.passes._blockwise import (
     group_ranges,
     grouped,
     replace_weight,
+    token_rows,
 )
 from qpass.passes._graph import constant
 from qpass.passes.rtn import WEIGHT_UINT4_G128
@@ -31,12 +32,13 @@ class GPTQSolver:
     spread over the remaining columns along row i of the Cholesky factor of H⁻¹ (Alg. 1).
     """
 
-    def __init__(self, columns: int):
+    def __init__(self, columns: int, normalize_tokens: bool = False):
         self.xtx = np.zeros((columns, columns))
         self.rows = 0
+        self.normalize_tokens = normalize_tokens
 
     def add_batch(self, x: np.ndarray) -> None:
-        x = x.reshape(-1, x.shape[-1])
+        x = token_rows(x, self.normalize_tokens)
         self.xtx += (x.T @ x).astype(np.float64)
         self.rows += len(x)
 
@@ -102,9 +104,10 @@ class GPTQ(StagedWeightPass):
        tensor. Stage k's inputs are computed by the graph whose earlier stages are already
        quantized, so later layers see and compensate the error of earlier ones.
     3. For each MatMul input x of the stage, H = 2/n Σ xxᵀ is accumulated batch by batch over the
-       calibration set; each run resumes from the values kept at the previous stage
-       (`StagedCalibration`: the graph runs about twice in all; memory: one K x K matrix per
-       input plus one frontier of activations).
+       calibration set, each token's row x scaled to unit norm first (`normalize_tokens`, the
+       default; see `StagedWeightPass`); each run resumes from the values kept at the previous
+       stage (`StagedCalibration`: the graph runs about twice in all; memory: one K x K matrix
+       per input plus one frontier of activations).
     4. MatMul(x, W)  ==>  MatMul(x, DequantizeLinear(q, s, z; axis=0, block_size=g)) where q comes
        from GPTQ on H + λI (λ = `damp` x mean diag H), in lazy blocks of `block_size` columns,
        in order of decreasing diag H (`act_order`, the default; the input channels carrying
@@ -127,12 +130,13 @@ class GPTQ(StagedWeightPass):
         damp: float = 0.01,
         act_order: bool = True,
         sequential: str = "block",
+        normalize_tokens: bool = True,
     ):
-        super().__init__(context, weights, exclude, lm_head, sequential)
+        super().__init__(context, weights, exclude, lm_head, sequential, normalize_tokens)
         self.options = {"block_size": block_size, "damp": damp, "act_order": act_order}
 
     def _quantize_stage(self, model, runner: StagedCalibration, stage, description) -> None:
-        solvers = runner.statistics(model, stage, GPTQSolver, description)
+        solvers = self._statistics(model, runner, stage, GPTQSolver, description)
         for node in stage:
             solver = solvers[node.inputs[0].name]
             q, scale, zero = solver.quantize(constant(node.inputs[1]), self.weights, **self.options)
