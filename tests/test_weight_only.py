@@ -4,6 +4,7 @@ com.microsoft.MatMulNBits."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -246,6 +247,28 @@ def test_presets_give_the_same_function_in_both_formats(preset):
         outputs[fmt] = compiled.run({"x": x[:2]})[0]
     np.testing.assert_allclose(outputs["dq"], outputs["matmulnbits"], rtol=1e-5, atol=1e-5)
     assert np.abs(outputs["dq"] - float_y).max() < 0.1 * np.abs(float_y).max()
+
+
+def test_cli_no_normalize_tokens_gives_gptq_raw_token_rows(tmp_path):
+    """Tokens of uneven magnitude: `--no-normalize-tokens` (raw rows in H) changes the int4
+    weights GPTQ writes."""
+    from qpass.cli import main
+
+    model = mlp(seed=8)
+    ir.save(model, tmp_path / "mlp.onnx")
+    x = correlated(256, 96, seed=9) * np.random.default_rng(9).lognormal(0, 2, (256, 1))
+    np.savez(tmp_path / "calib.npz", x=x.astype(np.float32).reshape(32, 8, 96))
+    weights = {}
+    for flags in ((), ("--no-normalize-tokens",)):
+        out = tmp_path / f"out{len(flags)}.onnx"
+        argv = ["compile", str(tmp_path / "mlp.onnx"), "-o", str(out), "--preset", "w4a16-gptq",
+                "--calib", str(tmp_path / "calib.npz"), "--group-size", "32", "-q", *flags]
+        assert main(argv) == 0
+        proto = onnx.load(out)
+        weights[flags] = [numpy_helper.to_array(t) for t in proto.graph.initializer
+                          if t.data_type == TensorProto.UINT4]
+    assert len(weights[()]) == 4  # two weights and their zero points
+    assert any((a != b).any() for a, b in zip(*weights.values(), strict=True))
 
 
 def test_gptq_pass_beats_rtn_on_the_model_output_and_quantizes_block_by_block():

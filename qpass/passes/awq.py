@@ -24,7 +24,8 @@ from qpass.schemes import QuantScheme
 logger = logging.getLogger(__name__)
 
 ALPHA_GRID = tuple(i / 20 for i in range(20))
-CLIP_GRID = tuple(1 - i / 20 for i in range(10))  # 1.0 down to 0.55
+CLIP_GRID = tuple(1 - i / 100 for i in range(46))
+"""1.0 down to 0.55 in steps of 0.01 (SmolLM2-135M g128 perplexity 33.81; steps of 0.05: 34.57)."""
 
 
 class InputStatistics:
@@ -77,7 +78,8 @@ class AWQ(StagedWeightPass):
 
     1. Per input channel, s = mean|X|^alpha (normalized to geometric mean 1 of its extremes),
        alpha from `alphas` minimizing Σ_W ||X W - (X/s) Q(diag(s) W)||², Q round to nearest;
-       the error comes exactly from E[xxᵀ] streamed over the calibration set (eq. 4-5).
+       the error comes exactly from E[xxᵀ] streamed over the calibration set (eq. 4-5), of
+       unit-norm token rows unless `normalize_tokens=False` (see `StagedWeightPass`).
     2. X's producer absorbs 1/s, so that the float function is unchanged: the constant weight of
        a Mul (RMSNorm's gain), LayerNormalization's scale and bias, or the output columns of the
        MatMul(+Add) that computes X or one factor of a Mul that computes X (SwiGLU's up_proj).
