@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "--calib",
         type=Path,
-        required=True,
-        help=".npz calibration data: one array per model input, samples on axis 0",
+        help=".npz calibration data: one array per model input, samples on axis 0 (every "
+        "preset but w4a16-rtn needs it)",
     )
     c.add_argument(
         "--calibrator",

@@ -132,6 +132,15 @@ def test_cli_reports_errors_without_traceback(model_file, tmp_path, capsys):
     assert "qpass: error: calibration file" in err and "Traceback" not in err
 
 
+def test_cli_without_calibration_names_what_needs_it(model_file, tmp_path, capsys):
+    """--calib is optional (w4a16-rtn needs none); a preset that needs data says so in one line."""
+    code = main(["compile", str(model_file), "-o", str(tmp_path / "o.onnx")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "needs calibration data" in err and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_input_file_is_never_modified(model_file, tiny_calibration, tmp_path):
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
     np.savez(tmp_path / "calib.npz", **tiny_calibration)

@@ -249,6 +249,17 @@ def test_presets_give_the_same_function_in_both_formats(preset):
     assert np.abs(outputs["dq"] - float_y).max() < 0.1 * np.abs(float_y).max()
 
 
+def test_cli_rtn_needs_no_calibration(tmp_path):
+    from qpass.cli import main
+
+    ir.save(mlp(), tmp_path / "mlp.onnx")
+    out = tmp_path / "rtn.onnx"
+    argv = ["compile", str(tmp_path / "mlp.onnx"), "-o", str(out), "--preset", "w4a16-rtn",
+            "--group-size", "32", "--format", "matmulnbits", "-q"]
+    assert main(argv) == 0
+    assert [n.op_type for n in onnx.load(out).graph.node].count("MatMulNBits") == 2
+
+
 def test_cli_no_normalize_tokens_gives_gptq_raw_token_rows(tmp_path):
     """Tokens of uneven magnitude: `--no-normalize-tokens` (raw rows in H) changes the int4
     weights GPTQ writes."""
