@@ -199,11 +199,6 @@ def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> dict:
             "op_types": optimized_op_types(str(path))}
 
 
-def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    error = np.sum((reference.astype(np.float64) - value) ** 2)
-    return float("inf") if error == 0 else float(10 * np.log10(np.sum(reference**2.0) / error))
-
-
 def measure_latency(rows: list[dict], images: np.ndarray, rounds: int, repeat: int) -> None:
     """Median latency at batch 1 and 8 for every row, in interleaved rounds.
 
@@ -292,6 +287,8 @@ def add_ratios(rows: list[dict]) -> None:
     logits against FP32's (steadier measures of fidelity than top-1 on a few hundred images,
     where a few flipped images decide a comparison), and latency ratios to FP32 and to the
     best-accuracy ORT row."""
+    from qpass.report import sqnr_db
+
     ok = [r for r in rows if "error" not in r]
     base = next(r for r in ok if r["tool"] == "fp32")
     # the per-tensor anchor answers another question: it is not a candidate for "best ORT"

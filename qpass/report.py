@@ -133,6 +133,12 @@ def _reads_dequantized(node: ir.Node) -> bool:
     return any(v is not None and is_op(v.producer(), "DequantizeLinear") for v in node.inputs)
 
 
+def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
+    """10 log10(Σ reference² / Σ (reference - value)²) in dB; inf when they are equal."""
+    reference = reference.astype(np.float64)
+    return _db(float(np.sum(reference**2)), float(np.sum((reference - value) ** 2)))
+
+
 def _db(signal: float, noise: float) -> float:
     if noise == 0:
         return float("inf")

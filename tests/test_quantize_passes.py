@@ -218,9 +218,23 @@ def test_capture_falls_back_to_torchscript_with_a_warning():
     assert not isinstance(model.graph.inputs[0].shape[0], int)  # batch stays dynamic
 
 
+def image_model(nodes, initializers) -> onnx.ModelProto:
+    """Opset-17 model from `nodes` reading "input" [b, 3, 16, 16] and writing "y"."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        "graph",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_concat_inputs_share_the_output_scale(tiny_calibration):
     """Rule 5: the Q/DQ pairs feeding a Concat take the Concat output's scale and zero point."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     weights = [
@@ -234,14 +248,7 @@ def test_concat_inputs_share_the_output_scale(tiny_calibration):
         helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
         helper.make_node("Conv", ["c", "wh"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "concat",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [*weights, head],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = image_model(nodes, [*weights, head])
     model = ir.from_proto(quantize(proto, tiny_calibration, lower=False))
     concat = next(n for n in model.graph if n.op_type == "Concat")
     out_q = concat.outputs[0].consumers()[0]
@@ -275,14 +282,7 @@ def test_scale_is_shared_through_a_chain_of_scale_preserving_ops(tiny_calibratio
         helper.make_node("Pad", ["s2", "pads"], ["shortcut"]),
         helper.make_node("Add", ["branch", "shortcut"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "shortcut",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [w, w2, *ints.values()],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = image_model(nodes, [w, w2, *ints.values()])
     model = ir.from_proto(quantize(proto, tiny_calibration, lower=False))
     pad = next(n for n in model.graph if n.op_type == "Pad")
     pad_q = pad.outputs[0].consumers()[0]

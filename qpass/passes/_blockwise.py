@@ -44,6 +44,23 @@ def token_rows(x: np.ndarray, normalize: bool) -> np.ndarray:
     return rows / np.where(norms > 0, norms, 1).astype(rows.dtype)
 
 
+class TokenStatistics:
+    """Σ xxᵀ and the row count of one MatMul input x [..., K], streamed batch by batch, from
+    unit-norm token rows when `normalize_tokens` (`token_rows`)."""
+
+    def __init__(self, columns: int, normalize_tokens: bool = False):
+        self.xtx = np.zeros((columns, columns))
+        self.rows = 0
+        self.normalize_tokens = normalize_tokens
+
+    def add_batch(self, x: np.ndarray) -> np.ndarray:
+        """Accumulate one batch; return its rows as they entered the statistics."""
+        x = token_rows(x, self.normalize_tokens)
+        self.xtx += (x.T @ x).astype(np.float64)
+        self.rows += len(x)
+        return x
+
+
 def group_ranges(w: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
     """Min and max of W [K, N] over each group of g input channels: two [ceil(K/g), N] arrays."""
     k, n = w.shape
@@ -65,11 +82,12 @@ def quantize_rtn(
 
 
 def quantize_with_ranges(
-    w: np.ndarray, scheme: QuantScheme, clip: float = 1.0
+    w: np.ndarray, scheme: QuantScheme, clip: float = 1.0, ranges=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Group-wise quantization of W [K, N] within each group's [clip min, clip max] (saturating)."""
+    """Group-wise quantization of W [K, N] within each group's [clip min, clip max] (saturating);
+    `ranges`: W's `group_ranges`, when already computed."""
     g = grouped(scheme, w.shape[0])
-    low, high = group_ranges(w, g)
+    low, high = ranges if ranges is not None else group_ranges(w, g)
     scale, zero = scheme.scale_zero_point(low * clip, high * clip)
     rows = np.arange(w.shape[0]) // g
     return scheme.quantize(w, scale[rows], zero[rows]), scale, zero

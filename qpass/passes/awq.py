@@ -10,11 +10,12 @@ import onnx_ir as ir
 from qpass.calibration import Context
 from qpass.passes._blockwise import (
     StagedWeightPass,
+    TokenStatistics,
     dequantize,
+    group_ranges,
     grouped,
     quantize_with_ranges,
     replace_weight,
-    token_rows,
 )
 from qpass.passes._graph import constant, is_op, set_constant
 from qpass.passes.rtn import WEIGHT_UINT4_G128
@@ -28,20 +29,17 @@ CLIP_GRID = tuple(1 - i / 100 for i in range(46))
 """1.0 down to 0.55 in steps of 0.01 (SmolLM2-135M g128 perplexity 33.81; steps of 0.05: 34.57)."""
 
 
-class InputStatistics:
+class InputStatistics(TokenStatistics):
     """Streamed statistics of one MatMul input x [..., K]: Σ xxᵀ, Σ|x| and the row count."""
 
     def __init__(self, columns: int, normalize_tokens: bool = False):
-        self.xtx = np.zeros((columns, columns))
+        super().__init__(columns, normalize_tokens)
         self.abs_sum = np.zeros(columns)
-        self.rows = 0
-        self.normalize_tokens = normalize_tokens
 
-    def add_batch(self, x: np.ndarray) -> None:
-        x = token_rows(x, self.normalize_tokens)
-        self.xtx += (x.T @ x).astype(np.float64)
+    def add_batch(self, x: np.ndarray) -> np.ndarray:
+        x = super().add_batch(x)
         self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
-        self.rows += len(x)
+        return x
 
     @property
     def hessian(self) -> np.ndarray:
@@ -161,9 +159,10 @@ class AWQ(StagedWeightPass):
 
     def _clip(self, h, w):
         g = grouped(self.weights, len(w))
+        ranges = group_ranges(w, g)
         best_error, best = None, None
         for clip in self.clips:
-            q, scale, zero = quantize_with_ranges(w, self.weights, clip)
+            q, scale, zero = quantize_with_ranges(w, self.weights, clip, ranges)
             errors = group_errors(h, w - dequantize(q, scale, zero, g), g)
             if best is None:
                 best_error, best = errors, (q.astype(np.int32), scale, zero)
@@ -175,7 +174,7 @@ class AWQ(StagedWeightPass):
                     np.where(better, scale, best[1]), np.where(better, zero, best[2]))
         q, scale, zero = best
         # the per-group choice ignores cross-group terms of H: keep it only if the whole is better
-        unclipped = quantize_with_ranges(w, self.weights, 1.0)
+        unclipped = quantize_with_ranges(w, self.weights, 1.0, ranges)
         if output_error(h, w, dequantize(*unclipped, g)) <= output_error(
             h, w, dequantize(q, scale, zero, g)
         ):

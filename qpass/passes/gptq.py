@@ -12,10 +12,10 @@ from qpass.calibration import Context
 from qpass.passes._blockwise import (
     StagedCalibration,
     StagedWeightPass,
+    TokenStatistics,
     group_ranges,
     grouped,
     replace_weight,
-    token_rows,
 )
 from qpass.passes._graph import constant
 from qpass.passes.rtn import WEIGHT_UINT4_G128
@@ -24,23 +24,13 @@ from qpass.schemes import QuantScheme
 logger = logging.getLogger(__name__)
 
 
-class GPTQSolver:
+class GPTQSolver(TokenStatistics):
     """GPTQ for one layer input: H = 2/n Σ x xᵀ streamed by `add_batch`, then `quantize`.
 
     Works on Wᵀ [N, K] like the paper (rows = output channels, columns = input channels): the
     columns are quantized one at a time, and the error of column i, divided by [H⁻¹]ᵢᵢ, is
     spread over the remaining columns along row i of the Cholesky factor of H⁻¹ (Alg. 1).
     """
-
-    def __init__(self, columns: int, normalize_tokens: bool = False):
-        self.xtx = np.zeros((columns, columns))
-        self.rows = 0
-        self.normalize_tokens = normalize_tokens
-
-    def add_batch(self, x: np.ndarray) -> None:
-        x = token_rows(x, self.normalize_tokens)
-        self.xtx += (x.T @ x).astype(np.float64)
-        self.rows += len(x)
 
     def quantize(
         self,
