@@ -54,12 +54,15 @@ ROWS = {
     "FP32": ("fp32", None, None),
     "qpass RTN g128": ("qpass-rtn", 128, "matmulnbits"),
     "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
+    "qpass RTN g128 lm_head int8": ("qpass-rtn-lm-head-int8", 128, "matmulnbits"),
+    "qpass RTN g128 lm_head int4": ("qpass-rtn-lm-head-int4", 128, "matmulnbits"),
     "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
     "qpass GPTQ g32": ("qpass-gptq", 32, "matmulnbits"),
     "qpass GPTQ g128 no act-order": ("qpass-gptq-index-order", 128, "matmulnbits"),
     "qpass GPTQ g128 plain statistics": ("qpass-gptq-plain-tokens", 128, "matmulnbits"),
     "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
     "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
+    "qpass GPTQ g128 lm_head int8": ("qpass-gptq-lm-head-int8", 128, "matmulnbits"),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
     "ORT GPTQ g128": ("ort-gptq", 128, None),
@@ -69,11 +72,14 @@ SLOW_ROWS = ("ORT GPTQ g32",)  # runs the float model once per MatMul input: onl
 # qpass tool -> (preset, extra `qpass compile` arguments)
 QPASS_TOOLS = {
     "qpass-rtn": ("w4a16-rtn",),
+    "qpass-rtn-lm-head-int8": ("w4a16-rtn", "--lm-head", "int8"),
+    "qpass-rtn-lm-head-int4": ("w4a16-rtn", "--lm-head", "int4"),
     "qpass-gptq": ("w4a16-gptq",),
     "qpass-gptq-index-order": ("w4a16-gptq", "--no-act-order"),
     "qpass-gptq-plain-tokens": ("w4a16-gptq", "--no-normalize-tokens"),
     "qpass-awq": ("w4a16-awq",),
     "qpass-gptq-lorc": ("w4a16-gptq", "--lorc-rank", str(LORC_RANK)),
+    "qpass-gptq-lm-head-int8": ("w4a16-gptq", "--lm-head", "int8"),
 }
 
 
@@ -369,7 +375,7 @@ def run(args, work: Path) -> list[dict]:
         row.update(perplexity(path, test))
         log(f"{label}: ppl {row['ppl']:.3f}")
         rows.append(row)
-        if group == 128 and tool in ("qpass-rtn", "ort-rtn"):
+        if group == 128 and tool.startswith(("qpass-rtn", "ort-rtn")):
             latency_paths[label] = path
     by_label = {r["row"]: r for r in rows}
     if "qpass RTN g128" in latency_paths:  # the same weights in the DequantizeLinear form

@@ -268,7 +268,7 @@ def test_onnx_node_form_passes_the_checker():
 def test_matmul_lowering_keeps_the_dequantize_matmul_outputs(symmetric):
     """w4a16-rtn with format="plugin" computes what format="dq" computes (ORT, 1e-5)."""
     proto = matmul_model(k=256, n=64)
-    options = {"group_size": 64, "symmetric": symmetric, "lm_head": True}
+    options = {"group_size": 64, "symmetric": symmetric, "lm_head": "int4"}
     dq = qpass.compile(proto, preset="w4a16-rtn", progress=False, **options)
     plugin = qpass.compile(proto, preset="w4a16-rtn", progress=False, format="plugin", **options)
     model = onnx.load_from_string(plugin.to_bytes())

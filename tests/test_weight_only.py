@@ -12,10 +12,11 @@ from qpass.plugins.int4_gemm import pack_nibbles, unpack_nibbles
 from qpass.runtime import onnxruntime as rt
 
 import qpass
-from qpass.passes import GPTQ, LowerToMatMulNBits, RoundToNearest
+from qpass.passes import GPTQ, LowerToMatMulNBits, QuantizeLMHead, RoundToNearest
 from qpass.passes._blockwise import (
     dequantize,
     pack_matmulnbits,
+    pack_matmulnbits_8bit,
     quantize_rtn,
     token_rows,
     unpack_matmulnbits,
@@ -122,6 +123,37 @@ def test_matmulnbits_packing_round_trips(scheme):
     np.testing.assert_array_equal(scale_back, scale)
     np.testing.assert_array_equal(z.astype(np.int32), zero.astype(np.int32) + offset)
     assert (zero_points is None) == (scheme.symmetric)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("uint8", group_size=32),
+                                    QuantScheme("int8", symmetric=True, group_size=64)],
+                         ids=lambda s: f"{s.dtype}-g{s.group_size}")
+def test_8bit_weights_pack_and_dequantize_bit_identically_in_both_forms(scheme):
+    """8-bit blockwise weights (`QuantizeLMHead`'s): MatMulNBits bits=8 at accuracy level 0
+    reproduces DequantizeLinear's (q - z) * s bit for bit (partial last block included); the
+    packed bytes are q shifted to uint8, one per byte."""
+    k, n, g = 80, 24, scheme.group_size
+    w = np.random.default_rng(11).normal(0, 1, (k, n)).astype(np.float32)
+    q, scale, zero = quantize_rtn(w, scheme)
+    b, scales, zero_points = pack_matmulnbits_8bit(q, scale, zero, g)
+    offset = 128 if scheme.dtype == "int8" else 0
+    assert b.shape == (n, -(-k // g), g) and scales.shape == (n, -(-k // g))
+    np.testing.assert_array_equal(b.reshape(n, -1)[:, :k].T, q.astype(np.int32) + offset)
+    assert (zero_points is None) == scheme.symmetric
+    eye = np.eye(k, dtype=np.float32)
+    sub = ir.from_proto(helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="head")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(w, "w")]), opset_imports=[helper.make_opsetid("", 17)]))
+    QuantizeLMHead(scheme)(sub)
+    reference = dequantize(q, scale, zero, g)
+    np.testing.assert_array_equal(run(sub, {"x": eye}, optimize=False).view(np.int32),
+                                  reference.view(np.int32))
+    LowerToMatMulNBits(accuracy_level_8bit=0)(sub)
+    (node,) = sub.graph
+    assert node.op_type == "MatMulNBits" and node.attributes["bits"].value == 8
+    np.testing.assert_array_equal(run(sub, {"x": eye}).view(np.int32), reference.view(np.int32))
 
 
 def test_rtn_scales_hold_every_group_and_errors_stay_within_half_a_step():
@@ -258,6 +290,9 @@ def test_cli_rtn_needs_no_calibration(tmp_path):
             "--group-size", "32", "--format", "matmulnbits", "-q"]
     assert main(argv) == 0
     assert [n.op_type for n in onnx.load(out).graph.node].count("MatMulNBits") == 2
+    assert main([*argv, "--lm-head", "int8"]) == 0
+    head = next(n for n in onnx.load(out).graph.node if n.name == "head")
+    assert head.op_type == "MatMulNBits" and helper.get_node_attr_value(head, "bits") == 8
 
 
 def test_cli_no_normalize_tokens_gives_gptq_raw_token_rows(tmp_path):
@@ -328,6 +363,8 @@ def test_bad_weight_options_are_one_line_errors(tmp_path):
         qpass.compile(mlp(), preset="w4a16-rtn", format="gguf")
     with pytest.raises(qpass.QpassError, match="group_size"):
         qpass.compile(mlp(), preset="int8", group_size=32)
+    with pytest.raises(qpass.QpassError, match="lm_head"):
+        qpass.compile(mlp(), preset="w4a16-rtn", lm_head=True)
     path = tmp_path / "mlp.onnx"
     ir.save(mlp(), path)
     np.savez(tmp_path / "calib.npz", x=correlated(16, 96).reshape(2, 8, 96))
@@ -387,6 +424,35 @@ def test_llama_presets_agree_in_both_forms(captured_llama, preset):
         outputs[fmt] = compiled.run({"input_ids": ids[:2]})[0]
     np.testing.assert_allclose(outputs["dq"], outputs["matmulnbits"], rtol=1e-4, atol=1e-4)
     assert np.abs(outputs["dq"] - reference).max() < 0.2 * np.abs(reference).max()
+
+
+def test_tied_lm_head_is_untied_and_quantized_on_request(captured_llama):
+    """The tiny Llama ties lm_head to the embeddings (MatMul(x, Transpose(E))). `lm_head="int8"`
+    gives the projection its own 8-bit weight (MatMulNBits bits=8, int8 activations), "int4"
+    a 4-bit one like the rest; the embedding Gather reads E in float either way, and the int8
+    head's logits stay closer to the float head's than the int4 head's do."""
+    ids = np.random.default_rng(2).integers(0, 256, (4, 16))
+    reference = run(captured_llama, {"input_ids": ids})
+    outputs = {}
+    for head in ("float", "int8", "int4"):
+        compiled = qpass.compile(captured_llama, preset="w4a16-rtn", group_size=32,
+                                 format="matmulnbits", lm_head=head, progress=False)
+        graph = compiled.model.graph
+        final = graph.outputs[0].producer()
+        gather = next(n for n in graph if n.op_type == "Gather" and n.inputs[0].shape[0] == 256)
+        assert gather.inputs[0].dtype == ir.DataType.FLOAT and gather.inputs[0].is_initializer()
+        assert not any(n.op_type == "Transpose" and n.inputs[0] is gather.inputs[0]
+                       for n in graph) or head == "float"
+        bits = {"float": None, "int8": 8, "int4": 4}[head]
+        assert (final.op_type == "MatMulNBits") == (bits is not None)
+        if bits:
+            assert final.attributes["bits"].value == bits
+            assert final.attributes.get_int("accuracy_level", 0) == (4 if bits == 8 else 0)
+        outputs[head] = compiled.run({"input_ids": ids})[0]
+    error = {h: np.abs(y - reference).max() for h, y in outputs.items()}
+    base = np.abs(outputs["int8"] - outputs["float"]).max()
+    assert base < np.abs(outputs["int4"] - outputs["float"]).max(), error
+    assert error["int8"] < 0.2 * np.abs(reference).max(), error
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from qpass.passes.lower_matmulnbits import LowerToMatMulNBits
 from qpass.passes.lower_onnxruntime import LowerForOnnxRuntime
 from qpass.passes.lower_tensorrt import LowerForTensorRT
 from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
+from qpass.passes.quantize_lm_head import QuantizeLMHead
 from qpass.passes.rtn import RoundToNearest
 from qpass.passes.sensitivity import KeepSensitiveFloat
 from qpass.passes.smoothquant import SmoothQuant
@@ -46,6 +47,7 @@ __all__ = [
     "LowerToInt4Plugin",
     "LowerToMatMulNBits",
     "QuantizeDynamicPerToken",
+    "QuantizeLMHead",
     "RoundToNearest",
     "SmoothQuant",
 ]

@@ -117,10 +117,33 @@ def weight_matmuls(
             continue
         if weight.shape is None or len(weight.shape) != 2:
             continue
-        if not lm_head and _is_lm_head(node):
+        if not lm_head and is_final_projection(node):
             continue
         found.append(node)
     return found
+
+
+def untie_final_projection(graph: ir.Graph) -> int:
+    """Give a final projection that reads a transposed constant (tied embeddings: MatMul(x,
+    Transpose(E)), E [vocab, K] also read by the embedding Gather) its own weight Eᵀ, so that a
+    weight pass can quantize it; the Gather keeps reading E. Returns how many were untied."""
+    untied = 0
+    for node in list(graph):
+        if not is_op(node, "MatMul") or not is_final_projection(node) or node.inputs[1] is None:
+            continue
+        transpose = node.inputs[1].producer()
+        if transpose is None or not is_op(transpose, "Transpose"):
+            continue
+        table = constant(transpose.inputs[0])
+        perm = list(attribute(transpose, "perm", [1, 0]))
+        if table is None or table.ndim != 2 or perm != [1, 0]:
+            continue
+        base = node.name or "lm_head"
+        node.replace_input_with(1, initializer(graph, f"{base}.weight", table.T.copy()))
+        if not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
+            graph.remove(transpose, safe=True)
+        untied += 1
+    return untied
 
 
 def module_path(node: ir.Node) -> str:
@@ -187,6 +210,8 @@ class StagedWeightPass(ir.passes.InPlacePass):
         self.normalize_tokens = normalize_tokens
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.lm_head:
+            untie_final_projection(model.graph)
         targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
         if not targets:
             return ir.passes.PassResult(model, modified=False)
@@ -323,7 +348,8 @@ class _FedSession:
         return self.session.run(outputs, {name: feed[name] for name in self.names})
 
 
-def _is_lm_head(node: ir.Node) -> bool:
+def is_final_projection(node: ir.Node) -> bool:
+    """lm_head: a node of a module path ending in lm_head, or one writing a graph output."""
     return module_path(node).endswith("lm_head") or node.outputs[0].is_graph_output()
 
 
@@ -358,6 +384,7 @@ def replace_weight(
 
 
 FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
+EIGHT_BIT = (ir.DataType.INT8, ir.DataType.UINT8)
 
 
 def packable_group(g: int) -> bool:
@@ -365,10 +392,11 @@ def packable_group(g: int) -> bool:
     return g >= 16 and not g & (g - 1)
 
 
-def is_packable_weight(dq: ir.Node) -> bool:
-    """A DequantizeLinear of a constant 4-bit [K, N] weight, blockwise on axis 0 with a packable
-    block size, constant scales (and zero points), read only as the weight of MatMuls."""
-    if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in FOUR_BIT:
+def is_packable_weight(dq: ir.Node, dtypes=FOUR_BIT) -> bool:
+    """A DequantizeLinear of a constant [K, N] weight of one of `dtypes` (4-bit unless told),
+    blockwise on axis 0 with a packable block size, constant scales (and zero points), read
+    only as the weight of MatMuls."""
+    if not is_op(dq, "DequantizeLinear") or dq.inputs[0].dtype not in dtypes:
         return False
     q = constant(dq.inputs[0])
     if q is None or q.ndim != 2 or attribute(dq, "axis", 1) != 0:
@@ -406,6 +434,25 @@ def pack_matmulnbits(
     if (unpack_nibbles(zero_points)[:, : scales.shape[1]] == 8).all():
         zero_points = None
     return b, scales, zero_points
+
+
+def pack_matmulnbits_8bit(
+    q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Blockwise 8-bit (q [K, N] int8/uint8, scale [nb, N], zero [nb, N]) -> MatMulNBits bits=8
+    (B uint8 [N, nb, g], the last block zero-padded; scales [N, nb]; zero points uint8 [N, nb],
+    or None where they are all 128, the op's default). Signed values move up by 128."""
+    k, n = q.shape
+    blocks = -(-k // g)
+    offset = 128 if np.issubdtype(q.dtype, np.signedinteger) else 0
+    b = np.zeros((n, blocks * g), np.uint8)
+    b[:, :k] = (q.astype(np.int32) + offset).T
+    z = np.zeros((blocks, n), np.int32) if zero is None else zero.astype(np.int32)
+    zero_points = (z + offset).T.astype(np.uint8)
+    if (zero_points == 128).all():
+        zero_points = None
+    scales = np.ascontiguousarray(np.asarray(scale).T, np.float32)
+    return b.reshape(n, blocks, g), scales, zero_points
 
 
 def unpack_matmulnbits(

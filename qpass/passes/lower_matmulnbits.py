@@ -1,4 +1,4 @@
-"""Lower blockwise 4-bit DequantizeLinear -> MatMul to ONNX Runtime's com.microsoft.MatMulNBits."""
+"""Lower blockwise 4-bit and 8-bit DequantizeLinear -> MatMul to com.microsoft.MatMulNBits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._blockwise import is_packable_weight, pack_matmulnbits
+from qpass.passes._blockwise import (
+    EIGHT_BIT,
+    FOUR_BIT,
+    is_packable_weight,
+    pack_matmulnbits,
+    pack_matmulnbits_8bit,
+)
 from qpass.passes._graph import attribute, constant, initializer
 
 logger = logging.getLogger(__name__)
@@ -16,30 +22,37 @@ MS_DOMAIN = "com.microsoft"
 
 
 class LowerToMatMulNBits(ir.passes.InPlacePass):
-    """Replace weight-only 4-bit MatMuls by `com.microsoft.MatMulNBits` (ONNX Runtime contrib op).
+    """Replace weight-only 4-bit (and 8-bit) MatMuls by `com.microsoft.MatMulNBits` (ONNX
+    Runtime contrib op).
 
-    Rewrite rule:
+    Rewrite rules:
 
     1. MatMul(x, DequantizeLinear(q [K, N] int4/uint4 constant, s [K/g, N], z; axis=0,
        block_size=g))  ==>  MatMulNBits(x, B, s', z'; K, N, bits=4, block_size=g,
        accuracy_level), with B = q + 8 (int4) or q (uint4), transposed to [N, K/g, g/2] uint8,
        two values per byte, the first in the low nibble; s' = sᵀ [N, K/g]; z' the zero points
        packed the same way, or left out when all are 8 (the op's default).
+    2. The same with q int8/uint8 (`QuantizeLMHead`)  ==>  MatMulNBits(...; bits=8,
+       accuracy_level=`accuracy_level_8bit`), B = q + 128 (int8) or q (uint8) as [N, K/g, g],
+       zero points [N, K/g] uint8 (left out when all are 128).
 
-    The rule fires for g a power of two >= 16 (the op's requirement) and a DequantizeLinear read
-    by MatMuls only. MatMulNBits dequantizes exactly as DequantizeLinear does ((q - z) x s in
-    float32), so both forms compute the same weights. `accuracy_level` 0 (default) keeps fp32
-    activations; 4 quantizes them to int8 per block at run time (faster, less exact).
+    The rules fire for g a power of two >= 16 (the op's requirement) and a DequantizeLinear
+    read by MatMuls only. MatMulNBits dequantizes exactly as DequantizeLinear does ((q - z) x s
+    in float32), so both forms compute the same weights. `accuracy_level` 0 (default) keeps
+    fp32 activations; 4 quantizes them to int8 per block at run time (faster, less exact). For
+    8-bit weights the default is 4: in ONNX Runtime 1.32 on CPU the 8-bit kernel at level 0
+    is 3x slower than the float MatMul it replaces (SmolLM2's lm_head, `benchmarks/llm.py`).
     """
 
-    def __init__(self, accuracy_level: int = 0):
+    def __init__(self, accuracy_level: int = 0, accuracy_level_8bit: int = 4):
         super().__init__()
         self.accuracy_level = accuracy_level
+        self.accuracy_level_8bit = accuracy_level_8bit
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         lowered = 0
         for node in list(model.graph):
-            if is_packable_weight(node):
+            if is_packable_weight(node, FOUR_BIT + EIGHT_BIT):
                 lowered += self._lower(model.graph, node)
         if lowered:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -51,7 +64,9 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         zero = constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
         g = attribute(dq, "block_size", 0)
         k, n = q.shape
-        b, scales, zero_points = pack_matmulnbits(q, scale, zero, g)
+        bits = 4 if dq.inputs[0].dtype in FOUR_BIT else 8
+        pack = pack_matmulnbits if bits == 4 else pack_matmulnbits_8bit
+        b, scales, zero_points = pack(q, scale, zero, g)
         base = dq.name.removesuffix(".weight_dq") if dq.name else dq.inputs[0].name
         inputs = [
             initializer(graph, f"{base}.B", b),
@@ -59,9 +74,10 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         ]
         if zero_points is not None:
             inputs.append(initializer(graph, f"{base}.zero_points", zero_points))
-        attrs = {"K": k, "N": n, "bits": 4, "block_size": g}
-        if self.accuracy_level:
-            attrs["accuracy_level"] = self.accuracy_level
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": g}
+        level = self.accuracy_level if bits == 4 else self.accuracy_level_8bit
+        if level:
+            attrs["accuracy_level"] = level
         matmuls = [use.node for use in dq.outputs[0].uses()]
         for matmul in matmuls:
             fused = ir.node(

@@ -10,6 +10,7 @@ from qpass.passes._blockwise import (
     ensure_weight_opset,
     quantize_rtn,
     replace_weight,
+    untie_final_projection,
     weight_matmuls,
 )
 from qpass.passes._graph import constant
@@ -30,7 +31,8 @@ class RoundToNearest(ir.passes.InPlacePass):
        each output channel n and group j of g input channels, s and z from the group's min and
        max (widened to hold 0; symmetric: s = max|w| / 7.5) and q = clip(round(w / s) + z).
     3. The final projection (lm_head, or a MatMul writing a graph output) stays in float unless
-       `lm_head=True`; embeddings are Gathers and are never touched.
+       `lm_head=True`; embeddings are Gathers and are never touched. A projection tied to the
+       embeddings (MatMul(x, Transpose(E))) is first given its own weight Eᵀ.
 
     Activations stay in float (W4A16). The baseline that GPTQ and AWQ improve on (Frantar et al.
     2022, "GPTQ", §2; Dettmers & Zettlemoyer 2023, "The case for 4-bit precision").
@@ -49,6 +51,8 @@ class RoundToNearest(ir.passes.InPlacePass):
         self.lm_head = lm_head
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.lm_head:
+            untie_final_projection(model.graph)
         if weight_matmuls(model.graph, self.exclude, self.lm_head):
             ensure_weight_opset(model)
         targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
