@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import resource
 import shlex
 import sys
@@ -278,15 +279,23 @@ def bench_model(model: str, work: Path, quick: bool, only: list[str] | None = No
     rounds, repeat = (2, 10) if quick else (7, 30)
     log(f"{model}: latency of {len(ok)} models, {rounds} interleaved rounds x {repeat} runs")
     measure_latency(ok, images, rounds, repeat)
-    add_ratios(rows)
+    add_ratios(rows, labels)
     return rows
 
 
-def add_ratios(rows: list[dict]) -> None:
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: how likely a split at least this uneven of the images
+    that exactly one of two classifiers gets right is, if both are equally accurate."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def add_ratios(rows: list[dict], labels: np.ndarray) -> None:
     """Add delta vs FP32 (points), agreement with FP32's predicted classes and the SQNR of the
     logits against FP32's (steadier measures of fidelity than top-1 on a few hundred images,
-    where a few flipped images decide a comparison), and latency ratios to FP32 and to the
-    best-accuracy ORT row."""
+    where a few flipped images decide a comparison), the paired comparison with the
+    best-accuracy ORT row (images only this row gets right, images only ORT's gets right,
+    McNemar's p), and latency ratios to FP32 and to that ORT row."""
     from qpass.report import sqnr_db
 
     ok = [r for r in rows if "error" not in r]
@@ -295,8 +304,14 @@ def add_ratios(rows: list[dict]) -> None:
     ort_rows = [r for r in ok if r["tool"] == "ort" and not r["method"].endswith("-tensor")]
     best = max(ort_rows, key=lambda r: r["top1"]) if ort_rows else None
     reference = base["logits"]
+    correct = {id(r): r["logits"].argmax(1) == labels for r in ok}
     for r in ok:
         r["delta_pts"] = 100 * (r["top1"] - base["top1"])
+        if best is not None:
+            mine, theirs = correct[id(r)], correct[id(best)]
+            r["only_this_right"] = int(np.sum(mine & ~theirs))
+            r["only_best_ort_right"] = int(np.sum(theirs & ~mine))
+            r["mcnemar_p"] = mcnemar_p(r["only_this_right"], r["only_best_ort_right"])
         logits = r.pop("logits")
         r["agree_fp32"] = float(np.mean(logits.argmax(1) == reference.argmax(1)))
         r["logits_sqnr_db"] = sqnr_db(reference, logits)
@@ -312,8 +327,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     """Aligned text table of one model's rows."""
-    header = ["row", "top1%", "Δpts", "agree%", "SQNR dB", "b1 ms", "b8 ms", "b1/fp32", "b8/fp32",
-              "b1/ORT*", "b8/ORT*", "compile s", "RSS MB", *KERNELS]
+    header = ["row", "top1%", "Δpts", "agree%", "SQNR dB", "+/-ORT*", "p", "b1 ms", "b8 ms",
+              "b1/fp32", "b8/fp32", "b1/ORT*", "b8/ORT*", "compile s", "RSS MB", *KERNELS]
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -327,6 +342,8 @@ def table(rows: list[dict]) -> str:
         lines.append([
             r["row"], fmt(100 * r["top1"], ".2f"), fmt(r["delta_pts"], "+.2f"),
             fmt(100 * r["agree_fp32"], ".2f"), fmt(r["logits_sqnr_db"], ".1f"),
+            f"+{r['only_this_right']}/-{r['only_best_ort_right']}" if "mcnemar_p" in r else "-",
+            fmt(r.get("mcnemar_p"), ".2f"),
             fmt(r["latency_b1_ms"], ".2f"), fmt(r["latency_b8_ms"], ".2f"),
             fmt(r["ratio_fp32_b1"], ".2f"), fmt(r["ratio_fp32_b8"], ".2f"),
             fmt(r["ratio_best_ort_b1"], ".2f"), fmt(r["ratio_best_ort_b8"], ".2f"),

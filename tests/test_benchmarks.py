@@ -18,3 +18,15 @@ def test_paired_ratio_ignores_one_rows_lucky_round():
 def test_paired_ratio_sees_a_steady_slowdown():
     reference = [0.28, 0.31, 0.30, 0.27, 0.24]
     assert paired_ratio([1.2 * t for t in reference], reference) == pytest.approx(1.2)
+
+
+def test_mcnemar_p_matches_the_binomial_tail():
+    """Exact McNemar: the two-sided binomial tail of the discordant images at 1/2."""
+    from math import comb
+
+    from benchmarks.cnn import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 2**10)
+    assert mcnemar_p(3, 9) == pytest.approx(2 * sum(comb(12, i) for i in range(4)) / 2**12)
+    assert mcnemar_p(9, 3) == mcnemar_p(3, 9) and mcnemar_p(60, 74) > 0.2
