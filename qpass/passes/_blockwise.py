@@ -1,10 +1,11 @@
 """Group-wise (blockwise) weight quantization shared by the weight-only passes.
 
 A MatMul weight W is [K, N] (y = x @ W). Its quantized form is the opset-21 blockwise
-DequantizeLinear: q [K, N] int4/uint4, scale [ceil(K/g), N] float32 and zero point (same shape,
-same type as q; absent when symmetric int4), axis 0, block_size g. Input channels k of one
-output channel n share a scale when k // g is equal. `com.microsoft.MatMulNBits` stores the same
-numbers transposed and packed (see `pack_matmulnbits`).
+DequantizeLinear: q [K, N] int4/uint4 (int8/uint8 for an 8-bit lm_head), scale [ceil(K/g), N]
+float32 and zero point (same shape, same type as q; absent when symmetric int4), axis 0,
+block_size g. Input channels k of one output channel n share a scale when k // g is equal.
+`com.microsoft.MatMulNBits` stores the same numbers transposed and packed (see
+`pack_matmulnbits`).
 """
 
 from __future__ import annotations
@@ -123,11 +124,10 @@ def weight_matmuls(
     return found
 
 
-def untie_final_projection(graph: ir.Graph) -> int:
+def untie_final_projection(graph: ir.Graph) -> None:
     """Give a final projection that reads a transposed constant (tied embeddings: MatMul(x,
     Transpose(E)), E [vocab, K] also read by the embedding Gather) its own weight Eᵀ, so that a
-    weight pass can quantize it; the Gather keeps reading E. Returns how many were untied."""
-    untied = 0
+    weight pass can quantize it; the Gather keeps reading E."""
     for node in list(graph):
         if not is_op(node, "MatMul") or not is_final_projection(node) or node.inputs[1] is None:
             continue
@@ -142,8 +142,6 @@ def untie_final_projection(graph: ir.Graph) -> int:
         node.replace_input_with(1, initializer(graph, f"{base}.weight", table.T.copy()))
         if not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
             graph.remove(transpose, safe=True)
-        untied += 1
-    return untied
 
 
 def module_path(node: ir.Node) -> str:
