@@ -12,6 +12,12 @@ ORT's histogram calibrators (Entropy, Percentile) fail when the last calibration
 than the others (microsoft/onnxruntime#18792); such a row is kept as an error and retried once as
 an extra row "[bN]" with the largest batch size N <= 8 that divides the calibration set.
 
+Each row is also compared image by image with the best-accuracy ORT row (ORT*): "+a/-b" counts
+the evaluation images only this row classifies right and those only ORT* does, "p" is the exact
+McNemar p-value of that split. "ORT MinMax, float logits" is ORT's MinMax model with the Q/DQ
+pair it puts on the logits removed (qpass leaves a model output float): uint8 logits tie at the
+top for some images, and argmax then picks the lower class index.
+
 Per-tensor INT8 weights: ORT MinMax with per_channel=False, and qpass's `int8-tensor` preset
 without and with cross-layer equalization, high-bias absorption and bias correction (both from a
 second export that keeps BatchNormalization, whose statistics high-bias absorption reads).
@@ -51,6 +57,9 @@ QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
 # per-tensor INT8 weights: ORT MinMax as the anchor; qpass without and with data-free
 # quantization (CLE + high-bias absorption + bias correction), both from an export that keeps
 # BatchNormalization (fp32_bn.onnx), whose statistics high-bias absorption reads
+# ORT quantizes the logits too (qpass leaves a model output float): ties at the top of the
+# uint8 logits then go to the lower class index; this row measures ORT without that pair
+FLOAT_LOGITS_ROW = ("ORT MinMax, float logits", "ort", "MinMax-float-logits")
 PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
                    ("qpass per-tensor", "qpass", "int8-tensor-plain"),
                    ("qpass per-tensor CLE+BA+BC", "qpass", "int8-tensor"),
@@ -114,13 +123,16 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         name = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0].name
         with np.load(calib) as npz:
             reader = _ort_reader(npz["input"], name, int(batch))
-        method, _, granularity = method.partition("-")  # "MinMax-tensor": per-tensor weights
+        # "MinMax-tensor": per-tensor weights; "MinMax-float-logits": the output Q/DQ removed
+        method, _, variant = method.partition("-")
         start = time.perf_counter()
         quantize_static(
-            model, out, reader, quant_format=QuantFormat.QDQ, per_channel=granularity != "tensor",
+            model, out, reader, quant_format=QuantFormat.QDQ, per_channel=variant != "tensor",
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod[method],
         )
+        if variant == "float-logits":
+            _remove_output_qdq(out)
         rc = 0
     elif method == "int8-tensor-plain":  # per-tensor baseline: the preset without its DFQ passes
         import qpass
@@ -153,6 +165,27 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb() or maxrss_mb,
                       "ru_maxrss_mb": maxrss_mb, "rc": rc}))
     return rc
+
+
+def _remove_output_qdq(path: str) -> None:
+    """Drop the QuantizeLinear -> DequantizeLinear pair quantize_static puts on a graph output
+    (the logits): the model then writes the float logits of its last Gemm."""
+    import onnx
+
+    model = onnx.load(path)
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    for output in model.graph.output:
+        dq = made_by.get(output.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = made_by.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        last = made_by[q.input[0]]
+        last.output[list(last.output).index(q.input[0])] = output.name
+        model.graph.node.remove(q)
+        model.graph.node.remove(dq)
+    onnx.save(model, path)
 
 
 # ---------------------------------------------------------------- evaluation (parent process)
@@ -263,6 +296,7 @@ def bench_model(model: str, work: Path, quick: bool, only: list[str] | None = No
     specs = [("FP32", "fp32", None)]
     specs += [(f"ORT {m}", "ort", m) for m in ORT_METHODS]
     specs += [("qpass" if m == "default" else f"qpass {m}", "qpass", m) for m in QPASS_METHODS]
+    specs += [FLOAT_LOGITS_ROW]
     specs += list(PER_TENSOR_ROWS)
     specs += list(W4A8_ROWS)
     specs += list(FLOAT_FORMAT_ROWS) if model == "efficientnet_lite0" else []
@@ -300,8 +334,9 @@ def add_ratios(rows: list[dict], labels: np.ndarray) -> None:
 
     ok = [r for r in rows if "error" not in r]
     base = next(r for r in ok if r["tool"] == "fp32")
-    # the per-tensor anchor answers another question: it is not a candidate for "best ORT"
-    ort_rows = [r for r in ok if r["tool"] == "ort" and not r["method"].endswith("-tensor")]
+    # the per-tensor anchor and the float-logits variant answer other questions: they are not
+    # candidates for "best ORT"
+    ort_rows = [r for r in ok if r["tool"] == "ort" and "-" not in r["method"]]
     best = max(ort_rows, key=lambda r: r["top1"]) if ort_rows else None
     reference = base["logits"]
     correct = {id(r): r["logits"].argmax(1) == labels for r in ok}
