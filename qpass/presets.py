@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import onnx_ir as ir
@@ -144,19 +145,20 @@ LM_HEAD_CHOICES = ("float", "int8", "int4")
 def _w4_passes(
     quantize: Callable[[bool], ir.passes.PassBase],
     lm_head: str,
-    group_size: int | None,
+    scheme: QuantScheme,
     lorc_rank: int,
     format: str,
     accuracy_level: int,
 ) -> list[ir.passes.PassBase]:
     """A weight-only 4-bit pipeline: `quantize(lm_head)` (with LoRC's branches when
     `lorc_rank`), the final projection per `lm_head` (float; int4 by the same pass; int8
-    per group by `QuantizeLMHead`), then the lowering to `format`."""
+    by `QuantizeLMHead`, in `scheme`'s groups and symmetry), then the lowering to `format`."""
     if lm_head not in LM_HEAD_CHOICES:
         raise ValueError(f"lm_head {lm_head!r} is unknown; use one of {LM_HEAD_CHOICES}")
     passes = _with_lorc(quantize(lm_head == "int4"), lorc_rank)
     if lm_head == "int8":
-        passes.append(QuantizeLMHead(QuantScheme(dtype="uint8", group_size=group_size or 128)))
+        dtype = "int8" if scheme.symmetric else "uint8"
+        passes.append(QuantizeLMHead(dataclasses.replace(scheme, dtype=dtype)))
     return [*passes, *_w4_lowering(format, accuracy_level)]
 
 
@@ -192,7 +194,7 @@ def w4a16_rtn(
     scheme = _w4_scheme(group_size, symmetric)
     return _w4_passes(
         lambda head: RoundToNearest(scheme, exclude=exclude, lm_head=head),
-        lm_head, group_size, lorc_rank, format, accuracy_level,
+        lm_head, scheme, lorc_rank, format, accuracy_level,
     )
 
 
@@ -235,7 +237,7 @@ def w4a16_gptq(
             weights=scheme, exclude=exclude, lm_head=head, act_order=act_order, damp=damp,
             sequential=sequential, normalize_tokens=normalize_tokens,
         ),
-        lm_head, group_size, lorc_rank, format, accuracy_level,
+        lm_head, scheme, lorc_rank, format, accuracy_level,
     )
 
 
@@ -268,7 +270,7 @@ def w4a16_awq(
     return _w4_passes(
         lambda head: AWQ(weights=scheme, exclude=exclude, lm_head=head, sequential=sequential,
                          alphas=tuple(alphas), normalize_tokens=normalize_tokens),
-        lm_head, group_size, lorc_rank, format, accuracy_level,
+        lm_head, scheme, lorc_rank, format, accuracy_level,
     )
 
 
