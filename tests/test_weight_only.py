@@ -167,6 +167,21 @@ def test_rtn_scales_hold_every_group_and_errors_stay_within_half_a_step():
         assert err.max() <= 0.5 + 1e-5, scheme
 
 
+def test_rtn_takes_per_channel_int8_weights():
+    """The per-channel INT8 weight-only scheme: one block spanning all K input channels per
+    output channel (blockwise DequantizeLinear, block_size = K); outputs within 1% of float."""
+    from qpass.schemes import WEIGHT_INT8
+
+    model = mlp()
+    x = correlated(16, 96).reshape(2, 8, 96)
+    reference = run(model, {"x": x})
+    RoundToNearest(WEIGHT_INT8)(model)
+    blocks = [n.attributes["block_size"].value for n in model.graph
+              if n.op_type == "DequantizeLinear"]
+    assert blocks == [96, 160]  # up and down; the head stays float
+    assert np.abs(run(model, {"x": x}) - reference).max() < 0.01 * np.abs(reference).max()
+
+
 def layer_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
     return float(np.sum((x.astype(np.float64) @ (w - w_hat)) ** 2))
 
