@@ -241,6 +241,12 @@ def _layers(model: ir.Model):
     from qpass.passes.insert_qdq import QUANTIZABLE_OPS
 
     for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            bits, block = attribute(node, "bits", 4), attribute(node, "block_size", 0)
+            level = attribute(node, "accuracy_level", 0)  # 4: int8 activations at run time
+            activations = ["int8" if level == 4 else "float"]
+            yield node, f"{bits}-bit", f"block({block}, axis=0)", activations
+            continue
         if not is_op(node, *QUANTIZABLE_OPS):
             continue
         weight, granularity, activations = "-", "-", []
@@ -267,8 +273,6 @@ def _layers(model: ir.Model):
 
 
 def _summary(model: ir.Model) -> str:
-    from qpass.passes._graph import attribute
-
     quantized, floating = Counter(), Counter()
     for node, weight, _, activations in _layers(model):
         if weight != "-" and activations == ["float"]:  # weight-only (w4a16)
@@ -277,11 +281,6 @@ def _summary(model: ir.Model) -> str:
             floating[node.op_type] += 1
         else:
             quantized[f"{node.op_type} ({'/'.join(sorted(set(activations)))} act, {weight} w)"] += 1
-    for node in model.graph:
-        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-            bits = attribute(node, "bits", 4)
-            act = "int8" if attribute(node, "accuracy_level", 0) == 4 else "float"
-            quantized[f"MatMulNBits ({act} act, {bits}-bit w)"] += 1
     lines = ["quantized ops:"] + [f"  {k:<44} {v}" for k, v in sorted(quantized.items())]
     lines += ["float ops left:"] + (
         [f"  {k:<44} {v}" for k, v in sorted(floating.items())] or ["  none"]
@@ -292,9 +291,9 @@ def _summary(model: ir.Model) -> str:
 def _layer_table(model: ir.Model) -> str:
     rows = [(n.op_type, n.name or "?", w, g, "/".join(a) or "-") for n, w, g, a in _layers(model)]
     width = max([len(r[1]) for r in rows] + [4])
-    header = f"  {'op':<18} {'node':<{width}} {'weight':<7} {'granularity':<16} activations"
+    header = f"  {'op':<18} {'node':<{width}} {'weight':<7} {'granularity':<18} activations"
     return "\n".join(
-        [header] + [f"  {o:<18} {n:<{width}} {w:<7} {g:<16} {a}" for o, n, w, g, a in rows]
+        [header] + [f"  {o:<18} {n:<{width}} {w:<7} {g:<18} {a}" for o, n, w, g, a in rows]
     )
 
 

@@ -296,7 +296,7 @@ def test_presets_give_the_same_function_in_both_formats(preset):
     assert np.abs(outputs["dq"] - float_y).max() < 0.1 * np.abs(float_y).max()
 
 
-def test_cli_rtn_needs_no_calibration(tmp_path):
+def test_cli_rtn_needs_no_calibration(tmp_path, capsys):
     from qpass.cli import main
 
     ir.save(mlp(), tmp_path / "mlp.onnx")
@@ -308,6 +308,12 @@ def test_cli_rtn_needs_no_calibration(tmp_path):
     assert main([*argv, "--lm-head", "int8"]) == 0
     head = next(n for n in onnx.load(out).graph.node if n.name == "head")
     assert head.op_type == "MatMulNBits" and helper.get_node_attr_value(head, "bits") == 8
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MatMulNBits (float act, 4-bit w)             2" in printed
+    layers = [line.split() for line in printed.splitlines() if line.startswith("  MatMulNBits ")]
+    assert ["MatMulNBits", "head", "8-bit", "block(32,", "axis=0)", "int8"] in layers
 
 
 def test_cli_no_normalize_tokens_gives_gptq_raw_token_rows(tmp_path):
