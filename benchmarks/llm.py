@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args, work)
     print(f"\n== SmolLM2-135M-Instruct, WikiText-2 test perplexity on the first {args.tokens} "
           f"tokens ({args.tokens // WINDOW} windows of {WINDOW}); calibration: "
-          f"{args.calib_samples} x {WINDOW} valid tokens; latency: ORT CPU, accuracy level 0 ==")
+          f"{args.calib_samples} x {WINDOW} valid tokens; latency: ORT CPU, accuracy level 0 "
+          "(an 8-bit lm_head: 4) ==")
     print(table(rows), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": command, "versions": info, "tokens": args.tokens, "window": WINDOW,
