@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 import onnx_ir as ir
 
-from qpass.passes._blockwise import (
-    ensure_weight_opset,
-    is_final_projection,
-    quantize_rtn,
-    replace_weight,
-    untie_final_projection,
-    weight_matmuls,
-)
-from qpass.passes._graph import constant
+from qpass.passes._blockwise import is_final_projection
+from qpass.passes.rtn import RoundToNearest
 from qpass.schemes import QuantScheme
-
-logger = logging.getLogger(__name__)
 
 LM_HEAD_UINT8_G128 = QuantScheme(dtype="uint8", group_size=128)
 
 
-class QuantizeLMHead(ir.passes.InPlacePass):
+class QuantizeLMHead(RoundToNearest):
     """Quantize the final projection's weight alone, on its own scheme (8-bit groups by default).
 
     Rewrite rules:
@@ -35,22 +24,13 @@ class QuantizeLMHead(ir.passes.InPlacePass):
     Why: in a weight-only 4-bit decoder the final projection is the largest weight left in
     float. SmolLM2-135M's is 576 x 49152, 113 MB of the ~170 MB a 1-token forward reads; at 8
     bits it reads 28 MB and the perplexity stays within 0.03 of a float lm_head's, while at 4
-    bits it rises by 8 (`benchmarks/llm.py`). llama.cpp's 4-bit k-quant mixes likewise keep
-    the output tensor at 6 bits. `LowerToMatMulNBits` runs the 8-bit form with int8 activations
-    (accuracy level 4): ONNX Runtime's 8-bit kernel at level 0 is slower than float.
+    bits it rises by 8 (`benchmarks/llm.py`). `LowerToMatMulNBits` runs the 8-bit form with
+    int8 activations (accuracy level 4): ONNX Runtime's 8-bit kernel at level 0 is slower than
+    float.
     """
 
     def __init__(self, weights: QuantScheme = LM_HEAD_UINT8_G128):
-        super().__init__()
-        self.weights = weights
+        super().__init__(weights, lm_head=True)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        untie_final_projection(model.graph)
-        targets = [n for n in weight_matmuls(model.graph, lm_head=True) if is_final_projection(n)]
-        if targets:
-            ensure_weight_opset(model)
-        for node in targets:
-            q, scale, zero = quantize_rtn(constant(node.inputs[1]), self.weights)
-            replace_weight(model.graph, node, q, scale, zero, self.weights)
-        logger.info("quantized %d final projections to %s", len(targets), self.weights.dtype)
-        return ir.passes.PassResult(model, modified=bool(targets))
+    def _targets(self, graph: ir.Graph) -> list[ir.Node]:
+        return [node for node in super()._targets(graph) if is_final_projection(node)]

@@ -53,11 +53,14 @@ class RoundToNearest(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.lm_head:
             untie_final_projection(model.graph)
-        if weight_matmuls(model.graph, self.exclude, self.lm_head):
-            ensure_weight_opset(model)
-        targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
+        if self._targets(model.graph):
+            ensure_weight_opset(model)  # may rebuild nodes: look them up again after it
+        targets = self._targets(model.graph)
         for node in targets:
             q, scale, zero = quantize_rtn(constant(node.inputs[1]), self.weights)
             replace_weight(model.graph, node, q, scale, zero, self.weights)
         logger.info("RTN quantized %d MatMul weights", len(targets))
         return ir.passes.PassResult(model, modified=bool(targets))
+
+    def _targets(self, graph: ir.Graph) -> list[ir.Node]:
+        return weight_matmuls(graph, self.exclude, self.lm_head)
