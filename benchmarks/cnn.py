@@ -54,12 +54,12 @@ from benchmarks.common import REPO, paired_ratio, peak_rss_mb, run_worker
 BATCH = 8  # calibration batch size, for ORT and qpass alike
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 QPASS_METHODS = ("default", "minmax", "percentile", "entropy", "mse")
-# per-tensor INT8 weights: ORT MinMax as the anchor; qpass without and with data-free
-# quantization (CLE + high-bias absorption + bias correction), both from an export that keeps
-# BatchNormalization (fp32_bn.onnx), whose statistics high-bias absorption reads
 # ORT quantizes the logits too (qpass leaves a model output float): ties at the top of the
 # uint8 logits then go to the lower class index; this row measures ORT without that pair
 FLOAT_LOGITS_ROW = ("ORT MinMax, float logits", "ort", "MinMax-float-logits")
+# per-tensor INT8 weights: ORT MinMax as the anchor; qpass without and with data-free
+# quantization (CLE + high-bias absorption + bias correction), both from an export that keeps
+# BatchNormalization (fp32_bn.onnx), whose statistics high-bias absorption reads
 PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
                    ("qpass per-tensor", "qpass", "int8-tensor-plain"),
                    ("qpass per-tensor CLE+BA+BC", "qpass", "int8-tensor"),
