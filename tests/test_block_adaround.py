@@ -98,6 +98,28 @@ def test_every_block_output_is_reconstructed_at_least_as_well_as_round_to_neares
     assert set(rounding.results) == {layer.output for b in blocks for layer in b.layers}
 
 
+def test_held_out_samples_are_left_out_of_the_learning_and_decide_the_rounding(
+        tiny_model, tiny_calibration):
+    """held_out=0.25: the last 8 of 32 samples; each block's held-out error is its error on
+    those samples as ONNX Runtime computes it, and a learned rounding is kept only where it
+    beats round to nearest there as well as on all samples."""
+    x = tiny_calibration["input"]
+    reference, model, rounding = rounded(tiny_model, tiny_calibration, iterations=100,
+                                         held_out=0.25)
+    layers = [layer for n in model.graph if (layer := rounding._roundable(n)) is not None]
+    for block in _blocks(layers, rounding.block_layers):
+        result = rounding.results[block.layers[0].output]
+        (target,) = fetch(reference, [block.output], x[-8:])
+        (learned,) = fetch(model, [block.output], x[-8:])
+        positions = learned.size // learned.shape[1]
+        stored = result.held_out_nearest_error if result.kept_nearest else result.held_out_error
+        assert stored == pytest.approx(np.sum((learned - target) ** 2) / positions, rel=1e-3)
+        assert result.held_out_error != pytest.approx(result.error, rel=1e-3)
+        if not result.kept_nearest:
+            assert result.error <= result.nearest_error
+            assert result.held_out_error <= result.held_out_nearest_error
+
+
 def test_blocks_beat_layer_by_layer_rounding_on_the_block_output(tiny_model, tiny_calibration):
     """The point of BRECQ: the first layer rounds so the second can cancel its error."""
     x = tiny_calibration["input"]

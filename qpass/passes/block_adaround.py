@@ -50,9 +50,10 @@ class BlockAdaRound(AdaRound):
        with x~ the block input in the quantized graph (blocks above already rounded) and
        block_float(x) the float model's value of the block output.
     3. A block whose learned rounding reconstructs its calibration samples worse than round to
-       nearest keeps round to nearest. A block with an op the torch function does not cover,
-       or that reads a computed tensor other than its input, is rounded layer by layer
-       (AdaRound's rule 1).
+       nearest keeps round to nearest; with `held_out` > 0, also one that does worse on that
+       fraction of the samples (the last ones), kept out of the learning. A block with an op
+       the torch function does not cover, or that reads a computed tensor other than its
+       input, is rounded layer by layer (AdaRound's rule 1).
 
     Memory: a block's input and float output are kept for as many calibration samples as
     `row_bytes` holds (spread evenly over the set); a step takes as many samples as 128M
@@ -99,9 +100,10 @@ class BlockAdaRound(AdaRound):
             )
             self.results[layer.output] = result
         logger.info(
-            "block %d (%s): reconstruction error %.4g (round to nearest %.4g)%s", number + 1,
-            ", ".join(layer.node.name for layer in block.layers), result.error,
-            result.nearest_error, ", kept round to nearest" if result.kept_nearest else "",
+            "block %d (%s): reconstruction error %.4g (round to nearest %.4g), held out %.4g "
+            "(%.4g)%s", number + 1, ", ".join(layer.node.name for layer in block.layers),
+            result.error, result.nearest_error, result.held_out_error,
+            result.held_out_nearest_error, ", kept round to nearest" if result.kept_nearest else "",
         )
 
     def _block_samples(self, model: ir.Model, block: _Block) -> tuple[np.ndarray, np.ndarray]:
@@ -443,16 +445,19 @@ def _learn(options: AdaRound, program: _Program, roundings: list[_SoftWeight],
 
     generator = torch.Generator().manual_seed(options.seed)
     x, y = torch.from_numpy(inputs), torch.from_numpy(targets)
+    held_out = min(int(options.held_out * len(x)), len(x) - 1)  # the last samples
+    learning = len(x) - held_out
     nearest = [r.fixed(r.nearest) for r in roundings]
     with torch.no_grad():
         nearest_error = _error(program, nearest, x, y)
+        nearest_out = _error(program, nearest, x[learning:], y[learning:]) if held_out else 0.0
         program(nearest, x[:1])  # counts its multiply-adds per sample
     unit = max(nearest_error, 1e-12)
     size = sum(r.v.numel() for r in roundings)
     optimizer = torch.optim.Adam([r.v for r in roundings], lr=options.lr)
-    batch = max(1, min(len(x), _STEP_MACS // max(program.macs, 1)))
+    batch = max(1, min(learning, _STEP_MACS // max(program.macs, 1)))
     for step in range(options.iterations):
-        chosen = torch.randperm(len(x), generator=generator)[:batch]
+        chosen = torch.randperm(learning, generator=generator)[:batch]
         out = program([r.soft() for r in roundings], x[chosen])
         loss = _reconstruction(out, y[chosen]) / unit
         if (beta := options.annealed_beta(step)) is not None:
@@ -464,13 +469,17 @@ def _learn(options: AdaRound, program: _Program, roundings: list[_SoftWeight],
         progress(1)
     learned = [r.learned() for r in roundings]
     with torch.no_grad():
-        error = _error(program, [r.fixed(q) for r, q in zip(roundings, learned, strict=True)], x, y)
-    kept = nearest_error < error
+        fixed = [r.fixed(q) for r, q in zip(roundings, learned, strict=True)]
+        error = _error(program, fixed, x, y)
+        error_out = _error(program, fixed, x[learning:], y[learning:]) if held_out else 0.0
+    kept = nearest_error < error or nearest_out < error_out
     changed = float(np.mean(np.concatenate([
         (q != r.nearest).ravel() for r, q in zip(roundings, learned, strict=True)])))
     for r, q in zip(roundings, learned, strict=True):
         r.integers = r.nearest if kept else q
-    return LayerResult(error, nearest_error, error, nearest_error, 0.0 if kept else changed,
+    if not held_out:
+        error_out, nearest_out = error, nearest_error
+    return LayerResult(error, nearest_error, error_out, nearest_out, 0.0 if kept else changed,
                        kept)
 
 
