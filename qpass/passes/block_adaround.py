@@ -99,11 +99,13 @@ class BlockAdaRound(AdaRound):
                 0, set_constant(model.graph, layer.dq.inputs[0], integers)
             )
             self.results[layer.output] = result
+        held_out = (f", held out {result.held_out_error:.4g} ({result.held_out_nearest_error:.4g})"
+                    if self.held_out else "")
+        kept = ", kept round to nearest" if result.kept_nearest else ""
         logger.info(
-            "block %d (%s): reconstruction error %.4g (round to nearest %.4g), held out %.4g "
-            "(%.4g)%s", number + 1, ", ".join(layer.node.name for layer in block.layers),
-            result.error, result.nearest_error, result.held_out_error,
-            result.held_out_nearest_error, ", kept round to nearest" if result.kept_nearest else "",
+            "block %d (%s): reconstruction error %.4g (round to nearest %.4g)%s%s", number + 1,
+            ", ".join(layer.node.name for layer in block.layers), result.error,
+            result.nearest_error, held_out, kept,
         )
 
     def _block_samples(self, model: ir.Model, block: _Block) -> tuple[np.ndarray, np.ndarray]:
@@ -450,7 +452,8 @@ def _learn(options: AdaRound, program: _Program, roundings: list[_SoftWeight],
     nearest = [r.fixed(r.nearest) for r in roundings]
     with torch.no_grad():
         nearest_error = _error(program, nearest, x, y)
-        nearest_out = _error(program, nearest, x[learning:], y[learning:]) if held_out else 0.0
+        nearest_out = _error(program, nearest, x[learning:], y[learning:]) if held_out \
+            else nearest_error
         program(nearest, x[:1])  # counts its multiply-adds per sample
     unit = max(nearest_error, 1e-12)
     size = sum(r.v.numel() for r in roundings)
@@ -471,14 +474,12 @@ def _learn(options: AdaRound, program: _Program, roundings: list[_SoftWeight],
     with torch.no_grad():
         fixed = [r.fixed(q) for r, q in zip(roundings, learned, strict=True)]
         error = _error(program, fixed, x, y)
-        error_out = _error(program, fixed, x[learning:], y[learning:]) if held_out else 0.0
+        error_out = _error(program, fixed, x[learning:], y[learning:]) if held_out else error
     kept = nearest_error < error or nearest_out < error_out
     changed = float(np.mean(np.concatenate([
         (q != r.nearest).ravel() for r, q in zip(roundings, learned, strict=True)])))
     for r, q in zip(roundings, learned, strict=True):
         r.integers = r.nearest if kept else q
-    if not held_out:
-        error_out, nearest_out = error, nearest_error
     return LayerResult(error, nearest_error, error_out, nearest_out, 0.0 if kept else changed,
                        kept)
 
