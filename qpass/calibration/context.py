@@ -22,10 +22,10 @@ class Context:
     `observe` adds the requested values as extra graph outputs of a copy of the model, runs it batch
     by batch in ONNX Runtime and feeds each batch to one observer per value, so memory is bounded by
     one batch of activations and the observers' running statistics. After the first run, batches
-    are cut so that one run fetches at most `fetch_bytes` (when the batch axis is dynamic): ORT
-    holds a run's outputs twice (its buffers and the arrays handed back), and the allocator keeps
-    much of that afterwards (ResNet20 at batch 8, 21 MB of activations per run: peak RSS 124 MB
-    with runs of up to 64 MB, 107 MB with 8 MB).
+    are cut so that one run fetches at most `fetch_bytes` (when the batch axis is dynamic). Peak
+    RSS grows with the rows one run takes, by more than the bytes fetched (ResNet20, 1.1 MB of
+    activations per row: int8 compile peak 127 MB with runs of a whole batch of 8, 109 MB with
+    runs of 7 rows under 8 MB, 102 MB with 2).
     """
 
     fetch_bytes = 8 << 20
