@@ -136,10 +136,10 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         rc = 0
     elif method == "int8-tensor-plain":  # per-tensor baseline: the preset without its DFQ passes
         import qpass
-        from qpass.presets import int8_tensor
+        from qpass import presets
 
         start = time.perf_counter()
-        qpass.compile(model, int8_tensor(data_free=False), calibration=calib,
+        qpass.compile(model, presets.passes("int8-tensor", data_free=False), calibration=calib,
                       batch_size=int(batch), progress=False).save(out)
         rc = 0
     else:

@@ -1,7 +1,8 @@
 """Loaders for the shared benchmark data (see ../shared/data/README.md for the conventions).
 
 The data folder is ``<repo>/../shared/data``; set ``QPASS_DATA`` to read it from elsewhere.
-Nothing is cached on disk.
+Nothing is cached on disk. Without the folder every loader raises `DataNotFoundError`, whose message
+is one line saying where the data comes from (the example prints it, the tests skip with it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ENV_VAR = "QPASS_DATA"
 SPLITS = ("calibration", "evaluation")
@@ -20,16 +20,33 @@ CIFAR_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CROP = 224
 
 
+class DataNotFoundError(FileNotFoundError):
+    """The benchmark data folder, or a file in it, is missing; the message is one line."""
+
+
+def _missing(what: Path) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"benchmark data not found at {what}: the examples, benchmarks and data tests read the "
+        f"ImageNet sample, CIFAR-10, ResNet20 weights, STS-B and WikiText-2 from "
+        f"<repo>/../shared/data or ${ENV_VAR} (where each comes from: README.md, Benchmark data)"
+    )
+
+
 def data_dir() -> Path:
-    """Return the benchmark data folder, raising a clear error if it is missing."""
+    """Return the benchmark data folder; `DataNotFoundError` if it is missing."""
     env = os.environ.get(ENV_VAR)
     root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"benchmark data folder not found: {root} "
-            f"(expected <repo>/../shared/data; set {ENV_VAR} to point elsewhere)"
-        )
+        raise _missing(root)
     return root
+
+
+def data_file(relative: str) -> Path:
+    """A file of the benchmark data folder; `DataNotFoundError` if it is missing."""
+    path = data_dir() / relative
+    if not path.exists():
+        raise _missing(path)
+    return path
 
 
 def _check_split(split: str) -> None:
@@ -37,8 +54,8 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _center_crop(img: Image.Image, size: int = CROP) -> Image.Image:
-    """Centre-crop to ``size`` x ``size``, flooring the offsets (reproduces the README's 0.872)."""
+def _center_crop(img, size: int = CROP):
+    """Centre-crop to ``size`` x ``size``, flooring the offsets (gives the data README's 0.872)."""
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
@@ -51,11 +68,14 @@ def imagenet(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarr
     with index % 10 == 0 (100 images), evaluation the other 900.  ``limit`` keeps the first N
     in class order.
     """
+    from PIL import Image
+
     _check_split(split)
-    folder = data_dir() / "imagenet-sample"
+    folder = data_file("imagenet-sample")
     files = {p.name.split("_", 1)[0]: p for p in folder.glob("*.jpg")}
     if len(files) != 1000:
-        raise FileNotFoundError(f"expected 1000 wnids in {folder}, found {len(files)}")
+        raise DataNotFoundError(f"expected the 1000 images of the ImageNet sample in {folder}, "
+                           f"found {len(files)}")
     want_calib = split == "calibration"
     picked = [(i, files[w]) for i, w in enumerate(sorted(files)) if (i % 10 == 0) == want_calib]
     picked = picked[:limit] if limit is not None else picked
@@ -74,7 +94,7 @@ def cifar10(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarra
     9800 in permutation order.  ``limit`` keeps the first N of the split.
     """
     _check_split(split)
-    with np.load(data_dir() / "cifar10-test" / "cifar10_test.npz") as npz:
+    with np.load(data_file("cifar10-test/cifar10_test.npz")) as npz:
         raw, labels = npz["images"], npz["labels"]
     perm = np.random.default_rng(0).permutation(len(raw))
     idx = perm[:200] if split == "calibration" else perm[200:]

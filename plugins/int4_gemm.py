@@ -1,14 +1,10 @@
-"""INT4 W4A16 GEMM: the packed weight layout, a numpy reference and the Triton kernel.
+"""INT4 W4A16 GEMM: a numpy reference and the Triton kernel.
 
 Y[M, N] = X[M, K] @ W[K, N], with W stored 4-bit, one scale and zero point per group of
-`block_size` consecutive input channels of each output channel, in the layout of ONNX Runtime's
-`com.microsoft.MatMulNBits` (the one `qpass.passes._blockwise.pack_matmulnbits` writes):
-
-- `b`: uint8 [N, K/block_size, block_size/2]; two 4-bit values per byte, the value of the even
-  input channel in the low nibble (low nibble first); unsigned 0..15.
-- `scales`: float [N, K/block_size].
-- `zero_points`: uint8 [N, ceil((K/block_size)/2)], packed the same way (low nibble first);
-  the weight is w = (u - z) * s. A symmetric int4 weight q in -8..7 is u = q + 8 with z = 8.
+`block_size` consecutive input channels of each output channel, in the packed layout of
+`qpass.packing` (`pack_4bit`: ONNX Runtime's `com.microsoft.MatMulNBits` layout, zero points
+always present): b uint8 [N, K/block_size, block_size/2] low nibble first, scales float
+[N, K/block_size], zero_points uint8 [N, ceil((K/block_size)/2)]; w = (u - z) * s.
 
 The Triton kernel dequantizes a [BLOCK_K, BLOCK_N] tile of W in registers (a tile never spans two
 groups: BLOCK_K divides block_size) and accumulates X @ W in float32 (W4A16: activations stay 16
@@ -27,72 +23,17 @@ import functools
 
 import numpy as np
 
-PLUGIN_NAME = "Int4GroupGemm"
-PLUGIN_NAMESPACE = "qpass"
-PLUGIN_VERSION = "1"
-PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-"""TensorRT plugin id: "{namespace}::{name}" (the form `tensorrt.plugin.register` takes)."""
+from qpass.packing import unpack_4bit
 
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 """Activation (and output) types the kernel is compiled for, numpy/torch name -> Triton name."""
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-def pack_nibbles(u: np.ndarray) -> np.ndarray:
-    """4-bit values 0..15 (last axis, even length) -> bytes, the even-indexed value in the low
-    nibble."""
-    u = np.asarray(u).astype(np.uint8)
-    return (u[..., 0::2] & 0x0F) | ((u[..., 1::2] & 0x0F) << 4)
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """Inverse of `pack_nibbles`: [..., m] uint8 -> [..., 2m] values 0..15."""
-    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out
-
-
-def pack(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_size: int):
-    """Blockwise 4-bit weight (q [K, N] int4 or uint4, scale [K/g, N], zero [K/g, N] or None,
-    the opset-21 DequantizeLinear form) -> the kernel's (b, scales, zero_points).
-
-    Signed values and zero points move to 0..15 by adding 8 ((q + 8) - (z + 8) = q - z); a
-    missing zero point is 0 (8 after the shift). Unlike MatMulNBits, zero points are always
-    materialized: the plugin has one signature. The last block is zero-padded."""
-    k, n = q.shape
-    g = block_size
-    blocks = -(-k // g)
-    signed = np.dtype(q.dtype).name == "int4" or np.issubdtype(q.dtype, np.signedinteger)
-    offset = 8 if signed else 0
-    u = np.zeros((n, blocks * g), np.uint8)
-    u[:, :k] = (q.astype(np.int32) + offset).T
-    b = pack_nibbles(u.reshape(n, blocks, g))
-    z = np.zeros((blocks, n), np.int32) if zero is None else zero.astype(np.int32)
-    z = (z + offset).T
-    if blocks % 2:
-        z = np.concatenate([z, np.zeros((n, 1), np.int32)], axis=1)
-    return b, np.ascontiguousarray(np.asarray(scale).T, np.float32), pack_nibbles(z)
-
-
-def unpack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int) -> np.ndarray:
-    """The float32 weight W [K, N] that (b, scales, zero_points) stand for."""
-    n, nb, half = b.shape
-    g = 2 * half
-    u = unpack_nibbles(b).reshape(n, nb * g)[:, :k].astype(np.int32)  # [N, K]
-    z = unpack_nibbles(zero_points.reshape(n, -1))[:, :nb].astype(np.int32)  # [N, nb]
-    groups = np.arange(k) // g
-    w = (u - z[:, groups]).astype(np.float32) * scales.astype(np.float32)[:, groups]
-    return np.ascontiguousarray(w.T)
 
 
 def reference(
     x: np.ndarray, b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray
 ) -> np.ndarray:
     """Numpy reference of the plugin: x [..., K] @ W [K, N] in float32 (K = x.shape[-1])."""
-    w = unpack(b, scales, zero_points, x.shape[-1])
+    w = unpack_4bit(b, scales, zero_points, x.shape[-1])
     return np.matmul(np.asarray(x, np.float32), w)
 
 

@@ -1,17 +1,6 @@
-"""The ONNX node form of qpass's TensorRT plugins, and its ONNX Runtime stand-in.
+"""Checks of qpass's TensorRT plugin nodes, and their ONNX Runtime stand-in.
 
-TensorRT's ONNX parser imports a node it has no built-in importer for as a plugin: the node's
-op type is the plugin name, the attribute `plugin_namespace` its namespace and `plugin_version`
-its version; the other attributes become the plugin's fields (TensorRT Developer Guide,
-"Extending TensorRT with Custom Layers", plugins from the ONNX parser). The INT4 GEMM node:
-
-    y = qpass.Int4GroupGemm(x, b, scales, zero_points;
-                            plugin_namespace="qpass", plugin_version="1", block_size=g)
-
-with the inputs of `qpass.plugins.int4_gemm` (MatMulNBits layout, zero points always present).
-The node lives in the ONNX domain `qpass` (opset 1), which models import next to the default one,
-so `onnx.checker` accepts it.
-
+The node form itself (op type, namespace, version, domain, attributes) is in `qpass.plugin_spec`.
 ONNX Runtime has no such op; `to_matmulnbits` swaps each node for `com.microsoft.MatMulNBits`
 (the same inputs in the same layout) so the lowered graph's numbers can be checked on CPU.
 """
@@ -21,45 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from qpass.plugins.int4_gemm import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-DOMAIN = "qpass"
-"""ONNX domain of the plugin nodes (any custom domain works for TensorRT's parser)."""
-DOMAIN_VERSION = 1
-ATTRIBUTES = ("plugin_namespace", "plugin_version", "block_size")
-
-
-def make_node(
-    inputs: list[str], output: str, block_size: int, name: str | None = None
-) -> onnx.NodeProto:
-    """The INT4 GEMM plugin node: inputs [x, b, scales, zero_points] -> output y."""
-    if len(inputs) != 4:
-        raise ValueError("Int4GroupGemm takes x, b, scales and zero_points")
-    return onnx.helper.make_node(
-        PLUGIN_NAME,
-        inputs,
-        [output],
-        name=name,
-        domain=DOMAIN,
-        plugin_namespace=PLUGIN_NAMESPACE,
-        plugin_version=PLUGIN_VERSION,
-        block_size=block_size,
-    )
-
-
-def ir_node(inputs: list[ir.Value], block_size: int, name: str | None = None) -> ir.Node:
-    """`make_node` for an onnx_ir graph."""
-    attributes = {
-        "plugin_namespace": PLUGIN_NAMESPACE,
-        "plugin_version": PLUGIN_VERSION,
-        "block_size": block_size,
-    }
-    return ir.node(PLUGIN_NAME, inputs, attributes, domain=DOMAIN, name=name)
-
-
-def is_plugin_node(node) -> bool:
-    """An Int4GroupGemm plugin node (onnx.NodeProto or onnx_ir.Node)."""
-    return node.op_type == PLUGIN_NAME and node.domain == DOMAIN
+from qpass.graph import MS_DOMAIN, constant
+from qpass.metadata import PLUGIN_K
+from qpass.plugin_spec import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, is_plugin_node
 
 
 def to_matmulnbits(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -78,7 +32,7 @@ def to_matmulnbits(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ValueError(f"{node.name}: b's last dimension {half} is not block_size/2")
         k = _k_of(out, node, blocks * g)
         del node.attribute[:]
-        node.op_type, node.domain = "MatMulNBits", "com.microsoft"
+        node.op_type, node.domain = "MatMulNBits", MS_DOMAIN
         node.attribute.extend(
             [
                 onnx.helper.make_attribute("K", k),
@@ -87,15 +41,15 @@ def to_matmulnbits(model: onnx.ModelProto) -> onnx.ModelProto:
                 onnx.helper.make_attribute("block_size", g),
             ]
         )
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     return out
 
 
 def _k_of(model: onnx.ModelProto, node: onnx.NodeProto, padded: int) -> int:
-    """K of a plugin node: the `qpass.K` metadata the lowering writes, else the padded size."""
+    """K of a plugin node: the `PLUGIN_K` metadata the lowering writes, else the padded size."""
     for prop in node.metadata_props:
-        if prop.key == "qpass.K":
+        if prop.key == PLUGIN_K:
             return int(prop.value)
     return padded
 
@@ -104,8 +58,6 @@ def check_node(node: ir.Node, opset_imports: dict[str, int]) -> list[str]:
     """What is wrong with a plugin node of an onnx_ir graph (empty: nothing): the plugin is
     known (name, namespace, version), its domain is imported, and its weights are constants
     in the packed layout with block_size = 2 x b's last dimension."""
-    from qpass.passes._graph import constant
-
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     namespace, version = attrs.get("plugin_namespace"), attrs.get("plugin_version", "1")
     if (node.op_type, namespace, version) != (PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION):
@@ -133,7 +85,7 @@ def check_node(node: ir.Node, opset_imports: dict[str, int]) -> list[str]:
 
 
 def inputs_are_consistent(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> bool:
-    """Shapes and types of the weight inputs agree with each other (see int4_gemm's layout)."""
+    """Shapes and types of the weight inputs agree with each other (see `qpass.packing`)."""
     if b.dtype != np.uint8 or zero_points.dtype != np.uint8 or b.ndim != 3:
         return False
     n, blocks, _ = b.shape

@@ -31,9 +31,10 @@ two (null) arguments after the output pointer.
 
 from __future__ import annotations
 
-from qpass.plugins.int4_gemm import PLUGIN_ID, Config, compile_ptx
+from qpass.plugins.int4_gemm import Config, compile_ptx
 
 from qpass.errors import QpassError
+from qpass.plugin_spec import PLUGIN_ID
 
 
 class TensorRTPluginUnavailableError(QpassError):

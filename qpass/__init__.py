@@ -4,11 +4,9 @@ from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
 from qpass.compile import CompiledModel, compile
 from qpass.errors import CalibrationError, LintError, ModelError, OutputError, QpassError
-from qpass.presets import PRESETS
 from qpass.schemes import QuantScheme
 
 __all__ = [
-    "PRESETS",
     "CalibrationData",
     "CalibrationError",
     "CompiledModel",

@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from qpass.errors import ModelError
-from qpass.passes._graph import raise_opset
+from qpass.graph import raise_opset
 
 logger = logging.getLogger(__name__)
 

@@ -11,124 +11,14 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from qpass import presets, targets
 from qpass.errors import QpassError
-from qpass.schemes import RANGE_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qpass.compile import TARGETS
-
     parser = argparse.ArgumentParser(prog="qpass", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    c = commands.add_parser("compile", help="quantize an ONNX model")
-    c.add_argument("model", type=Path, help="float ONNX model (never modified)")
-    c.add_argument("-o", "--output", type=Path, required=True, help="quantized ONNX model to write")
-    c.add_argument(
-        "--preset",
-        help="pass list and schemes (default: the target's: int8, or int8-tensorrt)",
-    )
-    c.add_argument(
-        "--calib",
-        type=Path,
-        help=".npz calibration data: one array per model input, samples on axis 0 (every "
-        "preset but w4a16-rtn needs it)",
-    )
-    c.add_argument(
-        "--calibrator",
-        choices=RANGE_METHODS,
-        help="activation range method (default: the preset's)",
-    )
-    c.add_argument("--exclude", nargs="*", default=[], help="node names to keep in float")
-    c.add_argument(
-        "--group-size", type=int, help="w4a16-*: input channels per weight scale (default 128)"
-    )
-    c.add_argument(
-        "--format",
-        choices=("dq", "matmulnbits", "plugin"),
-        help="w4a16-*: blockwise DequantizeLinear -> MatMul (dq, default), MatMulNBits, or "
-        "qpass's INT4 GEMM TensorRT plugin node (plugin)",
-    )
-    c.add_argument(
-        "--correct-bias",
-        action="store_true",
-        help="fp8: empirical bias correction after quantization (CorrectBias)",
-    )
-    c.add_argument(
-        "--float-layers",
-        type=int,
-        help="fp8, w4a8-fp: leave the first N Conv/Gemm/MatMul layers in float",
-    )
-    c.add_argument(
-        "--storage",
-        choices=("float8", "float4"),
-        help="w4a8-fp: FP4 weights stored as their exact FP8 values (float8, default: ONNX "
-        "Runtime runs it) or as FLOAT4E2M1 (float4, opset 23; for TensorRT)",
-    )
-    c.add_argument("--symmetric", action="store_true", help="w4a16-*: int4 weights, no zero point")
-    c.add_argument(
-        "--lm-head",
-        choices=("float", "int8", "int4"),
-        help="w4a16-*: the final projection in float (default), 8-bit groups (int8: most of the "
-        "1-token speed-up of int4 without its accuracy loss) or 4-bit like the rest",
-    )
-    c.add_argument(
-        "--act-order",
-        action=argparse.BooleanOptionalAction,
-        help="w4a16-gptq: quantize columns in order of decreasing diag(H) (default: on)",
-    )
-    c.add_argument(
-        "--normalize-tokens",
-        action=argparse.BooleanOptionalAction,
-        help="w4a16-gptq, w4a16-awq: each calibration token's input row scaled to unit norm in "
-        "the statistics, so tokens with massive activations do not outweigh the rest (default: on)",
-    )
-    c.add_argument(
-        "--lorc-rank",
-        type=int,
-        help="w4a16-*: add a rank-r float branch for each weight's quantization error (LoRC)",
-    )
-    c.add_argument(
-        "--keep-float", type=int, help="w8a8-*: leave the N most sensitive layers in float"
-    )
-    c.add_argument(
-        "--iterations",
-        type=int,
-        help="w4a8, int8-tensor --adaround: AdaRound steps per block or layer (default 500)",
-    )
-    c.add_argument(
-        "--adaround",
-        action="store_true",
-        help="int8-tensor: learn each weight's rounding (AdaRound) before bias correction",
-    )
-    c.add_argument(
-        "--block-layers",
-        type=int,
-        help="w4a8: layers whose rounding is learned together on their block's output "
-        "(default 4; 1: layer by layer)",
-    )
-    c.add_argument(
-        "--alpha",
-        type=_alpha,
-        help="w8a8-smoothquant: SmoothQuant migration strength in [0, 1], or 'auto' to search "
-        "it per layer (default 0.8)",
-    )
-    c.add_argument(
-        "--scale-constraint",
-        choices=("float", "pow2", "pow2-group"),
-        help="fp8, w4a8-fp: scales any float (default), powers of two, or powers of two apart "
-        "per tensor (per output channel for blocks)",
-    )
-    c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
-    c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
-    c.add_argument(
-        "--target",
-        default="onnxruntime",
-        choices=TARGETS,
-        help="deployment target (default: onnxruntime); tensorrt also lints the result and "
-        "refuses a graph TensorRT would reject",
-    )
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    _add_compile(commands)
 
     i = commands.add_parser("inspect", help="summarize the quantization of an ONNX model")
     i.add_argument("model", type=Path)
@@ -137,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         "lint", help="check a QDQ ONNX model against a target's rules (exit 1 on findings)"
     )
     lint.add_argument("model", type=Path)
-    lint.add_argument("--target", default="tensorrt", choices=("tensorrt",))
+    checked = [t for t in targets.names() if type(targets.get(t)).check is not targets.Target.check]
+    lint.add_argument("--target", default=checked[0], choices=checked)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -148,39 +39,81 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _alpha(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1] or 'auto'")
-    return value
+def _add_compile(commands) -> None:
+    """The compile command: common flags, then one flag per preset option (from the registry)."""
+    listing = "\n".join(
+        f"  {p.name:<18} {p.help} [{', '.join(p.targets)}]" for p in presets.all_presets()
+    )
+    c = commands.add_parser(
+        "compile",
+        help="quantize an ONNX model",
+        description="Quantize a float ONNX model with a preset's passes for a target.",
+        epilog=f"presets [targets]:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("model", type=Path, help="float ONNX model (never modified)")
+    c.add_argument("-o", "--output", type=Path, required=True, help="quantized ONNX model to write")
+    c.add_argument(
+        "--preset",
+        choices=[p.name for p in presets.all_presets()],
+        metavar="PRESET",
+        help="pass list and schemes, listed below (default: the target's, int8)",
+    )
+    c.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=targets.names(),
+        help="; ".join(f"{t}: {targets.get(t).help}" for t in targets.names()),
+    )
+    c.add_argument(
+        "--calib",
+        type=Path,
+        help=".npz calibration data: one array per model input, samples on axis 0 (every "
+        "preset but w4a16-rtn and w8a8-dynamic needs it)",
+    )
+    c.add_argument("--exclude", nargs="*", default=[], help="node names to keep in float")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    options = c.add_argument_group("preset options (default: the preset's)")
+    for name, declared in _preset_options().items():
+        option = declared[0][1]
+        takers = ", ".join(
+            f"{p}={o.default}" if len({str(o.default) for _, o in declared}) > 1 else p
+            for p, o in declared
+        )
+        if isinstance(option.default, dict):
+            takers += "; default " + ", ".join(f"{v} on {t}" for t, v in option.default.items())
+        kwargs = {"dest": name, "default": None, "help": f"{option.help} [{takers}]"}
+        if option.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = option.type
+            if option.choices:
+                kwargs["choices"] = option.choices
+        options.add_argument(option.flag, **kwargs)
+
+
+def _preset_options() -> dict[str, list]:
+    """Each CLI option name -> [(preset name, Option)] of the presets that take it."""
+    found: dict[str, list] = {}
+    for p in presets.all_presets():
+        for option in p.options:
+            if option.cli:
+                found.setdefault(option.name, []).append((p.name, option))
+    return found
 
 
 def _compile(args) -> int:
     import qpass
 
-    options = {"group_size": args.group_size, "format": args.format}
-    options.update(symmetric=args.symmetric or None, act_order=args.act_order)
-    options.update(keep_float=args.keep_float or None, scale_constraint=args.scale_constraint)
-    options.update(storage=args.storage, float_layers=args.float_layers)
-    options.update(iterations=args.iterations, block_layers=args.block_layers)
-    options["adaround"] = args.adaround or None
-    options["correct_bias"] = args.correct_bias or None
-    options["alpha"] = args.alpha
-    options["lorc_rank"] = args.lorc_rank
-    options["normalize_tokens"] = args.normalize_tokens
-    options["lm_head"] = args.lm_head
+    options = {name: getattr(args, name) for name in _preset_options()}
     start = time.perf_counter()
     try:
         compiled = qpass.compile(
             args.model,
             preset=args.preset,
             calibration=args.calib,
-            calibrator=args.calibrator,
             exclude=args.exclude,
             batch_size=args.batch_size,
             target=args.target,
@@ -205,11 +138,11 @@ def _compile(args) -> int:
 
 
 def _lint(args) -> int:
-    from qpass.lint import RULES, errors, format_findings, lint_tensorrt
+    from qpass.lint import errors, format_findings
 
-    findings = lint_tensorrt(args.model)
+    findings = targets.get(args.target).check(args.model)
     if not findings:
-        print(f"{args.model}: clean for {args.target} ({len(RULES)} rules checked)")
+        print(f"{args.model}: clean for {args.target}")
         return 0
     print(format_findings(findings))
     n_errors = len(errors(findings))
@@ -237,7 +170,7 @@ def _inspect(args) -> int:
 
 def _layers(model: ir.Model):
     """(node, weight dtype, weight granularity, activation dtypes) of each compute op."""
-    from qpass.passes._graph import attribute, constant, is_op
+    from qpass.graph import attribute, constant, is_op
     from qpass.passes.insert_qdq import QUANTIZABLE_OPS
 
     for node in model.graph:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,16 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qpass import presets, targets
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
 from qpass.errors import CalibrationError, LintError, OutputError, QpassError
-from qpass.presets import PRESETS
+from qpass.files import write_atomically
+from qpass.passes.base import CalibratedPass
 from qpass.runtime import onnxruntime as ort_runtime
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime", "tensorrt")
-DEFAULT_PRESETS = {"onnxruntime": "int8", "tensorrt": "int8-tensorrt"}
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
@@ -32,7 +31,7 @@ class CompiledModel:
         self.model = model
         self.float_model = float_model
         self.context = context
-        self.findings: list = []  # target tensorrt: the linter's warnings (qpass.lint)
+        self.findings: list = []  # the target's check: its warnings (e.g. qpass.lint's)
         self._session = None
 
     def to_bytes(self) -> bytes:
@@ -79,7 +78,6 @@ def compile(
     calibration: Any = None,
     example_inputs: Any = None,
     target: str = "onnxruntime",
-    calibrator: str | None = None,
     exclude: list[str] | tuple[str, ...] = (),
     batch_size: int = 8,
     progress: bool = True,
@@ -91,32 +89,34 @@ def compile(
     Args:
         model: an ONNX path, `onnx.ModelProto`, `onnx_ir.Model` (copied, never changed) or a
             `torch.nn.Module` (then `example_inputs` is required).
-        passes: the passes to run, in order; default: the preset's.
-        preset: a name in `qpass.presets.PRESETS`; default: the target's ("int8" for
-            onnxruntime, "int8-tensorrt" for tensorrt).
+        passes: the passes to run, in order; default: the preset's for the target.
+        preset: a name in `qpass.presets` (`qpass compile --help` lists them); default: the
+            target's (`int8`).
         calibration: an .npz file whose keys are input names (first axis = samples), a dict of
             stacked arrays, or an iterable of input dicts or arrays.
-        target: "onnxruntime" (the CPU default) or "tensorrt": the compiled graph is then
-            checked by `qpass.lint.lint_tensorrt`; a graph TensorRT would refuse raises
-            `LintError` (placement warnings are logged and kept in `CompiledModel.findings`).
-        calibrator: activation range method of the preset: minmax, percentile, entropy or mse.
+        target: a name in `qpass.targets`: "onnxruntime" (the CPU default) or "tensorrt". The
+            target decides the legal form of the preset's format and checks the compiled graph:
+            a graph TensorRT would refuse raises `LintError` (placement warnings are logged and
+            kept in `CompiledModel.findings`).
         exclude: node names to leave in float.
         batch_size: calibration batch size (used when the model's batch dimension is dynamic).
         keep_reference: keep a serialized copy of the float model for `report()` (costs its size in
             memory; the CLI keeps it only when a report is asked for).
-        options: keyword options of the preset (w4a16-*: group_size, format, symmetric, ...).
+        options: the preset's typed options (e.g. calibrator, group_size, format); an option the
+            preset does not take, or out of its range, is refused before any work.
     """
-    if target not in TARGETS:
-        raise QpassError(f"target {target!r} is not supported; choose one of {TARGETS}")
-    preset = preset or DEFAULT_PRESETS[target]
-    explicit_passes = passes is not None
+    target = targets.get(target)
+    preset = preset or target.default_preset
     if passes is None:
-        if preset not in PRESETS:
-            raise QpassError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        try:
-            passes = PRESETS[preset](calibrator=calibrator, exclude=frozenset(exclude), **options)
-        except (TypeError, ValueError) as e:
-            raise QpassError(f"preset {preset!r}: {e}") from e
+        passes = presets.get(preset).passes(target, exclude, **options)
+    elif options:
+        raise QpassError(f"options {sorted(options)} are a preset's: give them without passes=")
+    calibrated = [p for p in passes if isinstance(p, CalibratedPass) and p.context is None]
+    if calibrated and calibration is None:
+        raise CalibrationError(
+            f"{calibrated[0]!r} needs calibration data: pass calibration=... (an .npz file with "
+            "one array per model input, or an iterable of input dicts)"
+        )
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
@@ -125,68 +125,48 @@ def compile(
     if calibration is not None:
         data = CalibrationData(calibration, model.graph, batch_size=batch_size)
         context = Context(data, progress=progress)
-    for p in passes:
-        if getattr(p, "context", False) is None:
-            if context is None:
-                raise CalibrationError(
-                    f"{type(p).__name__} needs calibration data: pass calibration=... (an .npz "
-                    "file with one array per model input, or an iterable of input dicts)"
-                )
-            p.context = context
-    for p in passes:
-        model = p(model).model
+    for p in calibrated:
+        p.context = context
+    _run(passes, model)
     RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
     compiled = CompiledModel(model, float_model, context)
-    if target == "tensorrt":
-        compiled.findings = _lint_for_tensorrt(model, None if explicit_passes else preset)
+    compiled.findings = _check(target, model)
     return compiled
+
+
+def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
+    """Run the pipeline through onnx-ir's `Sequential`: an unexpected failure names the pass and
+    the passes before it; qpass's own errors (bad input) pass through as they are."""
+    try:
+        ir.passes.Sequential(*passes)(model)
+    except ir.passes.PassError as e:
+        cause = e.__cause__
+        if isinstance(cause, QpassError):
+            raise cause from None
+        if isinstance(cause, ir.passes.PreconditionError):
+            raise QpassError(str(cause)) from None
+        raise
 
 
 _LISTED = 10
 
 
-def _lint_for_tensorrt(model: ir.Model, preset: str | None) -> list:
-    """Findings of the TensorRT linter; raise LintError if TensorRT would refuse the graph."""
-    from qpass.lint import errors, lint_tensorrt
-
-    findings = lint_tensorrt(model)
-    refused = errors(findings)
+def _check(target: targets.Target, model: ir.Model) -> list:
+    """The target's findings; raise LintError if the target would refuse the graph."""
+    findings = target.check(model)
+    refused = [f for f in findings if f.severity == "error"]
     if refused:
-        hint = ""
-        if preset != DEFAULT_PRESETS["tensorrt"]:
-            hint = f"\nuse preset {DEFAULT_PRESETS['tensorrt']!r} (the default for this target)"
         listed = "\n  ".join(str(f) for f in refused[:_LISTED])
         if len(refused) > _LISTED:
             listed += f"\n  ... and {len(refused) - _LISTED} more"
         raise LintError(
-            f"TensorRT would refuse the compiled graph ({len(refused)} errors):\n  {listed}{hint}",
+            f"{target.title} would refuse the compiled graph ({len(refused)} errors):\n  {listed}",
             refused,
         )
     for finding in findings:
-        logger.warning("TensorRT placement: %s", finding)
+        logger.warning("%s placement: %s", target.title, finding)
     return findings
 
 
 def _tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-
-
-def write_atomically(path: Path, data: bytes) -> Path:
-    """Write bytes to `path` through a temporary file in the same folder, then rename."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OutputError(
-            f"cannot write {path}: {e.strerror} (check the folder's permissions)"
-        ) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror}") from e
-    return path

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, constant, is_op, output_channel_axis
+from qpass.graph import attribute, constant, is_op, output_channel_axis
 from qpass.passes.lower_tensorrt import (
     WEIGHTED_OPS,
     epilogue_input,
@@ -400,7 +400,7 @@ def _check_concat_scales(model: ir.Model) -> Iterator[Finding]:
 
 def _is_plugin(node: ir.Node) -> bool:
     """A node TensorRT's parser imports as a plugin (qpass's, or any with plugin_namespace)."""
-    from qpass.plugins.onnx_node import is_plugin_node
+    from qpass.plugin_spec import is_plugin_node
 
     return is_plugin_node(node) or "plugin_namespace" in node.attributes
 

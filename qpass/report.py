@@ -11,8 +11,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.calibration import Context
-from qpass.passes._graph import is_op
-from qpass.passes.insert_qdq import QUANTIZABLE_OPS, QUANTIZES
+from qpass.files import write_atomically
+from qpass.graph import is_op, module_path
+from qpass.metadata import QUANTIZES, SENSITIVITY, SMOOTHQUANT_MULS, UNFUSED
+from qpass.passes.insert_qdq import QUANTIZABLE_OPS
 from qpass.runtime import onnxruntime as ort_runtime
 
 
@@ -24,6 +26,9 @@ class LayerError:
     node: str
     tensor: str
     sqnr_db: float
+    source: str = ""
+    """The layer's name in the model it came from (`layer_source`): a torch module path such as
+    "_blocks.3._project_conv" for a captured module, else the ONNX node name."""
 
 
 @dataclasses.dataclass
@@ -54,30 +59,38 @@ class Report:
                 reference = f_out[f_name].astype(np.float64)
                 signal[key] = signal.get(key, 0.0) + float(np.sum(reference**2))
                 noise[key] = noise.get(key, 0.0) + float(np.sum((reference - q_out[q_name]) ** 2))
-        layers = [LayerError(op, node, f, _db(signal[q], noise[q])) for op, node, f, q in pairs]
+        sources = {n.name: layer_source(n) for n in model.graph}
+        layers = [
+            LayerError(op, node, f, _db(signal[q], noise[q]), sources.get(node, node))
+            for op, node, f, q in pairs
+        ]
         return cls(
             layers=layers,
             outputs={o: _db(signal[o], noise[o]) for o in outputs},
             kernels=ort_runtime.optimized_op_types(quantized),
-            unfused=list(model.meta.get("qpass.unfused", [])),
-            smoothquant_muls=list(model.meta.get("qpass.smoothquant_muls", [])),
-            sensitivity=list(model.meta.get("qpass.sensitivity", [])),
+            unfused=list(model.meta.get(UNFUSED, [])),
+            smoothquant_muls=list(model.meta.get(SMOOTHQUANT_MULS, [])),
+            sensitivity=list(model.meta.get(SENSITIVITY, [])),
         )
 
     def worst(self, n: int = 10) -> list[LayerError]:
         return sorted(self.layers, key=lambda r: r.sqnr_db)[:n]
 
     def table(self) -> str:
-        width = max([len(r.node) for r in self.layers] + [4])
-        lines = [f"{'op':<18} {'node':<{width}} {'SQNR dB':>8}"]
-        lines += [f"{r.op_type:<18} {r.node:<{width}} {r.sqnr_db:8.2f}" for r in self.layers]
+        width = max([len(r.source or r.node) for r in self.layers] + [6])
+        lines = [f"{'op':<18} {'source':<{width}} {'SQNR dB':>8}"]
+        lines += [
+            f"{r.op_type:<18} {r.source or r.node:<{width}} {r.sqnr_db:8.2f}" for r in self.layers
+        ]
         lines += [f"{'output':<18} {name:<{width}} {db:8.2f}" for name, db in self.outputs.items()]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
         kernels = ", ".join(f"{k} x{v}" for k, v in self.kernels.items())
         rows = "\n".join(
-            f"| {r.op_type} | `{r.node}` | `{r.tensor}` | {r.sqnr_db:.2f} |" for r in self.layers
+            f"| {r.op_type} | `{r.source or r.node}` | `{r.node}` | `{r.tensor}` "
+            f"| {r.sqnr_db:.2f} |"
+            for r in self.layers
         )
         outs = "\n".join(f"| `{k}` | {v:.2f} |" for k, v in self.outputs.items())
         unfused = "\n".join(f"- {u}" for u in self.unfused) or "- none"
@@ -85,7 +98,7 @@ class Report:
             f"# qpass report\n\n## Model outputs (SQNR dB vs float)\n\n| output | SQNR dB |\n"
             f"|---|---|\n{outs}\n\n## ONNX Runtime kernels\n\n{kernels}\n\n"
             f"## Ops that will not fuse\n\n{unfused}\n\n## Per-layer SQNR (dB)\n\n"
-            f"| op | node | tensor | SQNR dB |\n|---|---|---|---|\n{rows}\n"
+            f"| op | source | node | tensor | SQNR dB |\n|---|---|---|---|---|\n{rows}\n"
         ) + _extra_markdown(self)
 
     def to_html(self) -> str:
@@ -102,8 +115,6 @@ class Report:
 
     def save(self, path: str | Path) -> Path:
         """Write the report as .html, .md or .json (by the file's suffix), atomically."""
-        from qpass.compile import write_atomically
-
         path = Path(path)
         text = {".html": self.to_html, ".htm": self.to_html, ".json": self.to_json}.get(
             path.suffix.lower(), self.to_markdown
@@ -127,6 +138,29 @@ def _compared_tensors(model: ir.Model) -> list[tuple[str, str, str, str]]:
         elif not is_op(q, "QuantizeLinear"):
             pairs.append((node.op_type, node.name, out.name, out.name))
     return pairs
+
+
+def layer_source(node: ir.Node) -> str:
+    """The name of `node`'s layer in the model it came from: for a node torch's exporter
+    captured, the path of the module that owns its weight, or of the module it ran in; else the
+    ONNX node name.
+
+    The weight's owner is preferred because a BatchNorm folded at export lends the Conv its own
+    module scope ("_blocks.3._bn2"), while the weight keeps its parameter name
+    ("_blocks.3._project_conv.weight", read through a DequantizeLinear once quantized).
+    """
+    path = module_path(node)
+    if not path:
+        return node.name
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    producer = weight.producer() if weight is not None else None
+    if is_op(producer, "DequantizeLinear"):
+        weight = producer.inputs[0]
+    name = weight.name if weight is not None and weight.name else ""
+    owner, found, _ = name.partition(".weight")
+    if found and owner and path.startswith(owner.rpartition(".")[0]):
+        return owner
+    return path
 
 
 def _reads_dequantized(node: ir.Node) -> bool:
@@ -157,7 +191,8 @@ def _bar_chart(rows: list[LayerError]) -> str:
         y = i * bar_h
         w = max(1.0, width * r.sqnr_db / top)
         parts.append(
-            f"<text x='0' y='{y + 13}' font-size='11'>{html.escape(r.node[-40:])}</text>"
+            f"<text x='0' y='{y + 13}' font-size='11'>{html.escape((r.source or r.node)[-40:])}"
+            "</text>"
             f"<rect x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{bar_h - 4}' fill='#c44'/>"
             f"<text x='{label_w + w + 4:.1f}' y='{y + 13}' font-size='11'>{r.sqnr_db:.1f} dB</text>"
         )
@@ -173,7 +208,8 @@ def _html_body(report: Report) -> str:
     outs = "".join(f"<tr><td>{esc(k)}</td><td>{v:.2f}</td></tr>" for k, v in report.outputs.items())
     kernels = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in report.kernels.items())
     rows = "".join(
-        f"<tr><td>{esc(r.op_type)}</td><td>{esc(r.node)}</td><td>{esc(r.tensor)}</td>"
+        f"<tr><td>{esc(r.op_type)}</td><td>{esc(r.source or r.node)}</td><td>{esc(r.node)}</td>"
+        f"<td>{esc(r.tensor)}</td>"
         f"<td>{r.sqnr_db:.2f}</td></tr>"
         for r in report.layers
     )
@@ -184,7 +220,7 @@ def _html_body(report: Report) -> str:
         f"<h2>Worst layers</h2>{_bar_chart(report.worst(15))}"
         f"<h2>ONNX Runtime kernels</h2><table><tr><th>kernel</th><th>count</th></tr>"
         f"{kernels}</table><h2>Ops that will not fuse</h2><ul>{unfused}</ul>"
-        f"<h2>Per-layer SQNR</h2><table><tr><th>op</th><th>node</th><th>tensor</th>"
+        f"<h2>Per-layer SQNR</h2><table><tr><th>op</th><th>source</th><th>node</th><th>tensor</th>"
         f"<th>SQNR dB</th></tr>{rows}</table>{_extra_html(report)}"
     )
 

@@ -32,7 +32,7 @@ INT4_OPSET = 21
 FLOAT4_OPSET = 23
 """Opset from which DequantizeLinear takes FLOAT4E2M1 (ONNX Runtime 1.32's CPU provider has no
 kernel for it: qpass simulates FP4 weights with their exact values in FLOAT8E4M3FN, see
-`qpass.passes._block_float`)."""
+`qpass.passes.block_scaled_fp4`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +180,8 @@ class QuantScheme:
 
 
 WEIGHT_INT8 = QuantScheme(dtype="int8", per_channel=True, symmetric=True)
+WEIGHT_INT8_TENSOR = QuantScheme(dtype="int8", per_channel=False, symmetric=True)
+WEIGHT_INT4_CHANNEL = QuantScheme(dtype="int4", per_channel=True, symmetric=True)
 ACTIVATION_UINT8 = QuantScheme(dtype="uint8")
 FP8 = "float8e4m3fn"
 FP4 = "float4e2m1"

@@ -16,7 +16,8 @@ from qpass.calibration.context import with_outputs
 from qpass.cli import main
 from qpass.passes import FoldBatchNorm, InsertQDQ
 from qpass.passes.adaround import AdaRound
-from qpass.presets import WEIGHT_INT4_CHANNEL, canonicalize
+from qpass.presets import canonicalize
+from qpass.schemes import WEIGHT_INT4_CHANNEL
 
 LAYERS = ("Conv", "Gemm", "MatMul")
 
@@ -177,7 +178,7 @@ def test_adaround_without_a_snapshot_says_what_to_do(tiny_model, tiny_calibratio
     model = ir.from_proto(tiny_model)
     context = Context(tiny_calibration, model.graph, progress=False)
     InsertQDQ(context, weights=WEIGHT_INT4_CHANNEL)(model)
-    with pytest.raises(ValueError, match="snapshot"):
+    with pytest.raises(ir.passes.PreconditionError, match="snapshot"):
         AdaRound(context)(model)
 
 

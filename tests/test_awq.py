@@ -7,18 +7,17 @@ import pytest
 from test_weight_only import captured_llama, run  # noqa: F401  (a fixture)
 
 import qpass
+from qpass.calibration.staged import StagedCalibration
+from qpass.graph import constant
 from qpass.passes import AWQ, RoundToNearest
-from qpass.passes._blockwise import (
-    StagedCalibration,
+from qpass.passes.awq import InputStatistics, output_error
+from qpass.passes.groupwise import dequantize, quantize_rtn
+from qpass.passes.matmul_weights import (
     block_index,
-    dequantize,
     ensure_weight_opset,
     quantization_stages,
-    quantize_rtn,
     weight_matmuls,
 )
-from qpass.passes._graph import constant
-from qpass.passes.awq import InputStatistics, output_error
 from qpass.schemes import QuantScheme
 
 SCHEME = QuantScheme("uint4", group_size=32)

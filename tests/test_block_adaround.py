@@ -13,8 +13,9 @@ from qpass.calibration import Context
 from qpass.cli import main
 from qpass.passes import FoldBatchNorm, InsertQDQ, block_adaround
 from qpass.passes.adaround import AdaRound
-from qpass.passes.block_adaround import BlockAdaRound, _blocks, _Program
-from qpass.presets import WEIGHT_INT4_CHANNEL, canonicalize, int8_tensor, w4a8
+from qpass.passes.block_adaround import BlockAdaRound, BlockProgram, find_blocks
+from qpass.presets import canonicalize, passes
+from qpass.schemes import WEIGHT_INT4_CHANNEL
 
 
 def rounded(proto: onnx.ModelProto, calibration: dict, **options):
@@ -31,7 +32,7 @@ def quantized_with_blocks(proto, calibration):
               InsertQDQ(context, weights=WEIGHT_INT4_CHANNEL)):
         p(model)
     layers = [layer for n in model.graph if (layer := rounding._roundable(n)) is not None]
-    return model, layers, list(_blocks(layers, rounding.block_layers))
+    return model, layers, list(find_blocks(layers, rounding.block_layers))
 
 
 def test_blocks_end_at_linear_layers_and_take_in_residual_adds(tiny_model, tiny_calibration):
@@ -52,7 +53,7 @@ def test_a_block_as_torch_computes_what_onnx_runtime_computes(seed):
     x = rng.uniform(-1, 2, (16, 3, 16, 16)).astype(np.float32)
     model, _, blocks = quantized_with_blocks(proto, {"input": x})
     block = blocks[0]
-    program = _Program.of(block)
+    program = BlockProgram.of(block)
     assert program is not None
     block_input, expected = fetch(model, [block.input, block.output], x)
     weights = []
@@ -73,7 +74,7 @@ def test_every_block_output_is_reconstructed_at_least_as_well_as_round_to_neares
     proto = tiny_cnn(seed, channels=16)
     x = rng.uniform(-1, 2, (32, 3, 16, 16)).astype(np.float32)
     reference, model, rounding = rounded(proto, {"input": x}, iterations=300)
-    blocks = list(_blocks(
+    blocks = list(find_blocks(
         [layer for n in model.graph if (layer := rounding._roundable(n)) is not None], 4
     ))
     float_weights = {n.outputs[0].name: const(n.inputs[1])
@@ -107,7 +108,7 @@ def test_held_out_samples_are_left_out_of_the_learning_and_decide_the_rounding(
     reference, model, rounding = rounded(tiny_model, tiny_calibration, iterations=100,
                                          held_out=0.25)
     layers = [layer for n in model.graph if (layer := rounding._roundable(n)) is not None]
-    for block in _blocks(layers, rounding.block_layers):
+    for block in find_blocks(layers, rounding.block_layers):
         result = rounding.results[block.layers[0].output]
         (target,) = fetch(reference, [block.output], x[-8:])
         (learned,) = fetch(model, [block.output], x[-8:])
@@ -131,7 +132,7 @@ def test_blocks_beat_layer_by_layer_rounding_on_the_block_output(tiny_model, tin
               InsertQDQ(context, weights=WEIGHT_INT4_CHANNEL), layerwise):
         p(model)
     layers = [layer for n in blockwise.graph if (layer := rounding._roundable(n)) is not None]
-    block = next(iter(_blocks(layers, 4)))
+    block = next(iter(find_blocks(layers, 4)))
     (target,) = fetch(reference, [block.output], x)
     errors = [np.mean((fetch(m, [block.output], x)[0] - target) ** 2)
               for m in (blockwise, model)]
@@ -162,17 +163,17 @@ def test_cli_block_layers_picks_blocks_or_layer_by_layer(tiny_model, tiny_calibr
         assert main([*argv, "-o", str(out), "--block-layers", layers]) == 0
         assert sum(t.data_type == onnx.TensorProto.INT4 for t in onnx.load(out).graph.initializer)
     assert main([*argv, "-o", str(tmp_path / "bad.onnx"), "--block-layers", "0"]) == 2
-    assert "block_layers must be >= 1" in capsys.readouterr().err
+    assert "block_layers (--block-layers) must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_presets_pick_the_rounding_pass():
-    assert sum(isinstance(p, BlockAdaRound) for p in w4a8()) == 1
-    layerwise = [p for p in w4a8(block_layers=1) if isinstance(p, AdaRound)]
+    assert sum(isinstance(p, BlockAdaRound) for p in passes("w4a8")) == 1
+    layerwise = [p for p in passes("w4a8", block_layers=1) if isinstance(p, AdaRound)]
     assert len(layerwise) == 1 and not isinstance(layerwise[0], BlockAdaRound)
-    names = [type(p).__name__ for p in int8_tensor(adaround=True)]
+    names = [type(p).__name__ for p in passes("int8-tensor", adaround=True)]
     assert names.index("InsertQDQ") < names.index("AdaRound") < names.index("CorrectBias")
-    assert "AdaRound" not in [type(p).__name__ for p in int8_tensor()]
+    assert "AdaRound" not in [type(p).__name__ for p in passes("int8-tensor")]
 
 
 def test_a_block_with_an_op_it_does_not_cover_is_rounded_layer_by_layer(

@@ -8,7 +8,7 @@ from conftest import run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qpass.calibration import Context
-from qpass.calibration.context import FED_BYTES, _with_outputs_and_fed_weights, with_outputs
+from qpass.calibration.context import FED_BYTES, with_outputs, with_outputs_and_fed_weights
 
 
 def mlp(seed: int = 0):
@@ -36,7 +36,7 @@ def test_large_weights_are_fed_from_the_ir_arrays_not_serialized():
     model = ir.from_proto(proto)
     w1 = model.graph.initializers["w1"].const_value
     model.graph.initializers["w1"].const_value = ir.Tensor(w1.numpy(), name="w1")
-    serialized, weights = _with_outputs_and_fed_weights(model, ["h"], only=False)
+    serialized, weights = with_outputs_and_fed_weights(model, ["h"], only=False)
     assert list(weights) == ["w1"] and FED_BYTES <= 4 * 256 * 256
     assert len(serialized) < 16 * 1024  # W2 (4 KB) stays inside, W1 (256 KB) does not
     assert np.shares_memory(weights["w1"], model.graph.initializers["w1"].const_value.numpy())
@@ -56,5 +56,5 @@ def test_context_run_with_fed_weights_matches_the_model():
 
 def test_pruned_run_feeds_only_the_weights_it_reads():
     model = ir.from_proto(mlp())
-    _, weights = _with_outputs_and_fed_weights(model, ["x"], only=True)
+    _, weights = with_outputs_and_fed_weights(model, ["x"], only=True)
     assert weights == {}

@@ -14,7 +14,8 @@ from qpass.calibration import Context
 from qpass.calibration.context import with_outputs
 from qpass.cli import main
 from qpass.passes import CorrectBias, FoldBatchNorm, FuseRequant, InsertQDQ, LowerForOnnxRuntime
-from qpass.presets import WEIGHT_INT8_TENSOR, canonicalize, int8_tensor
+from qpass.presets import canonicalize, passes
+from qpass.schemes import WEIGHT_INT8_TENSOR
 
 
 def quantize(proto: onnx.ModelProto, calibration: dict, correct: bool):
@@ -95,7 +96,7 @@ def test_bias_correction_without_float_weights_says_what_to_do(tiny_model, tiny_
     model = ir.from_proto(tiny_model)
     context = Context(tiny_calibration, model.graph, progress=False)
     InsertQDQ(context, weights=WEIGHT_INT8_TENSOR)(model)
-    with pytest.raises(ValueError, match="snapshot"):
+    with pytest.raises(ir.passes.PreconditionError, match="snapshot"):
         CorrectBias(context)(model)
 
 
@@ -151,7 +152,10 @@ def test_int8_tensor_preset_recovers_efficientnet_predictions(real_models, tmp_p
     argv = ["compile", str(model), "-o", str(out), "--preset", "int8-tensor", "-q"]
     assert main([*argv, "--calib", str(tmp_path / "calib.npz")]) == 0
     plain = qpass.compile(
-        model, int8_tensor(data_free=False), calibration={"input": calibration}, progress=False
+        model,
+        passes("int8-tensor", data_free=False),
+        calibration={"input": calibration},
+        progress=False,
     )
 
     def predictions(session) -> np.ndarray:

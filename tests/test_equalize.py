@@ -11,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from qpass.metadata import BN_STATISTICS, RELU6_REPLACED
 from qpass.passes import EqualizeCrossLayer, FoldBatchNorm
-from qpass.passes.equalize import RELU6_REPLACED
-from qpass.passes.fold_bn import BN_STATISTICS
 from qpass.presets import canonicalize
 
 BETWEEN = {

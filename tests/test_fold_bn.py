@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from qpass.metadata import BN_STATISTICS
 from qpass.passes import FoldBatchNorm
-from qpass.passes.fold_bn import BN_STATISTICS
 from qpass.presets import canonicalize
 
 

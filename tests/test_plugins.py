@@ -22,8 +22,11 @@ from onnx import TensorProto, helper, numpy_helper
 from qpass.plugins import int4_gemm, onnx_node
 
 import qpass
+from qpass import plugin_spec
 from qpass.lint import errors, lint_tensorrt
-from qpass.passes._blockwise import dequantize, quantize_rtn
+from qpass.metadata import PLUGIN_K
+from qpass.packing import pack_4bit, unpack_4bit
+from qpass.passes.groupwise import dequantize, quantize_rtn
 from qpass.passes.lower_int4_plugin import LowerToInt4Plugin
 from qpass.schemes import QuantScheme
 
@@ -114,6 +117,7 @@ def _patch_index(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda t: int(np.asarray(t.handle.data).reshape(-1)[0]))
 interpreter._patch_lang_tensor = _patch_index
 
+from qpass.packing import pack_4bit
 from qpass.plugins import int4_gemm
 errors = []
 rng = np.random.default_rng(0)
@@ -122,7 +126,7 @@ for m, k, n, g, dtype in json.loads(sys.argv[1]):
     q = rng.integers(0, 16, (k, n)).astype(np.uint8)
     scale = rng.uniform(0.01, 0.02, (blocks, n)).astype(np.float32)
     zero = rng.integers(1, 15, (blocks, n)).astype(np.uint8)
-    b, scales, zero_points = int4_gemm.pack(q, scale, zero, g)
+    b, scales, zero_points = pack_4bit(q, scale, zero, g)
     x = torch.from_numpy(rng.normal(0, 1, (m, k)).astype(np.float32)).to(getattr(torch, dtype))
     s = torch.from_numpy(scales).to(x.dtype)
     y = int4_gemm.launch(x, torch.from_numpy(b), s, torch.from_numpy(zero_points))
@@ -194,23 +198,23 @@ def test_numpy_reference_matches_onnxruntime_dequantize_matmul(dtype, symmetric,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     (ort,) = run_onnx(model, {"x": x})
-    packed = int4_gemm.pack(q, scale, zero, group)
+    packed = pack_4bit(q, scale, zero, group)
     assert onnx_node.inputs_are_consistent(*packed)
     np.testing.assert_allclose(int4_gemm.reference(x, *packed), ort, rtol=1e-5, atol=1e-5)
     # and the packing is lossless: the weights are the DequantizeLinear's exactly
-    np.testing.assert_array_equal(int4_gemm.unpack(*packed, k), dequantize(q, scale, zero, group))
+    np.testing.assert_array_equal(unpack_4bit(*packed, k), dequantize(q, scale, zero, group))
 
 
 @pytest.mark.parametrize("dtype, symmetric, k", [("int4", True, 96), ("uint4", False, 80)])
 def test_plugin_layout_is_the_matmulnbits_layout(dtype, symmetric, k):
-    """The kernel's own (self-contained) packing writes the bytes qpass's MatMulNBits lowering
-    writes: the same weight files serve both."""
-    from qpass.passes._blockwise import pack_matmulnbits, unpack_nibbles
+    """The plugin's packing (zero points always present) writes the bytes qpass's MatMulNBits
+    lowering writes: the same weight files serve both."""
+    from qpass.packing import pack_matmulnbits, unpack_nibbles
 
     w = np.random.default_rng(3).normal(0, 1, (k, 24)).astype(np.float32)
     q, scale, zero = quantize_rtn(w, QuantScheme(dtype=dtype, symmetric=symmetric, group_size=32))
     zero = None if symmetric else zero
-    b, scales, zero_points = int4_gemm.pack(q, scale, zero, 32)
+    b, scales, zero_points = pack_4bit(q, scale, zero, 32)
     b_ref, scales_ref, zero_ref = pack_matmulnbits(q, scale, zero, 32)
     np.testing.assert_array_equal(b, b_ref)
     np.testing.assert_array_equal(scales, scales_ref)
@@ -228,8 +232,8 @@ def test_onnx_node_form_passes_the_checker():
     rng = np.random.default_rng(0)
     q, scale, zero = quantize_rtn(rng.normal(0, 1, (k, n)).astype(np.float32),
                                   QuantScheme(dtype="uint4", group_size=g))
-    b, scales, zero_points = int4_gemm.pack(q, scale, zero, g)
-    node = onnx_node.make_node(["x", "b", "scales", "zero_points"], "y", g, name="gemm")
+    b, scales, zero_points = pack_4bit(q, scale, zero, g)
+    node = plugin_spec.make_node(["x", "b", "scales", "zero_points"], "y", g, name="gemm")
     graph = helper.make_graph(
         [node],
         "plugin",
@@ -245,7 +249,7 @@ def test_onnx_node_form_passes_the_checker():
         graph,
         opset_imports=[
             helper.make_opsetid("", 21),
-            helper.make_opsetid(onnx_node.DOMAIN, onnx_node.DOMAIN_VERSION),
+            helper.make_opsetid(plugin_spec.DOMAIN, plugin_spec.DOMAIN_VERSION),
         ],
     )
     onnx.checker.check_model(model)
@@ -255,7 +259,7 @@ def test_onnx_node_form_passes_the_checker():
     assert errors(lint_tensorrt(model)) == []
     # the ONNX Runtime stand-in computes the reference
     x = rng.normal(0, 1, (2, k)).astype(np.float32)
-    node.metadata_props.add(key="qpass.K", value=str(k))
+    node.metadata_props.add(key=PLUGIN_K, value=str(k))
     (y,) = run_onnx(onnx_node.to_matmulnbits(model), {"x": x})
     np.testing.assert_allclose(y, int4_gemm.reference(x, b, scales, zero_points), rtol=1e-5,
                                atol=1e-5)
@@ -303,7 +307,7 @@ def test_pointwise_convolutions_lower_and_keep_their_output():
     lowered = ir.to_proto(model)
     onnx.checker.check_model(lowered)
     convs = [n.name for n in lowered.graph.node if n.op_type == "Conv"]
-    plugins = [n for n in lowered.graph.node if onnx_node.is_plugin_node(n)]
+    plugins = [n for n in lowered.graph.node if plugin_spec.is_plugin_node(n)]
     assert convs == ["conv0", "strided2"] and [n.name for n in plugins] == ["pointwise1"]
     assert errors(lint_tensorrt(lowered)) == []
 
@@ -406,7 +410,7 @@ def test_efficientnet_pointwise_convolutions_lower_to_the_plugin(real_models):
     LowerToInt4Plugin(scheme)(model)
     lowered = ir.to_proto(model)
     onnx.checker.check_model(lowered)
-    assert sum(map(onnx_node.is_plugin_node, lowered.graph.node)) == 32
+    assert sum(map(plugin_spec.is_plugin_node, lowered.graph.node)) == 32
     assert errors(lint_tensorrt(lowered)) == []
 
     expected = onnx.ModelProto()

@@ -17,8 +17,9 @@ from onnx import TensorProto, helper
 from qpass.runtime import tensorrt as trt_runtime
 
 import qpass
+from qpass import presets
 from qpass.cli import main
-from qpass.lint import RULES, lint_tensorrt
+from qpass.lint import RULES, errors, lint_tensorrt
 from qpass.passes import LowerForTensorRT
 from qpass.passes.lower_tensorrt import is_quantized_weighted
 
@@ -192,7 +193,7 @@ def fp8_activation(opset):
 
 def int4_plugin(version="1", block_size=8, quantize_input=False, domain=True):
     """x [1, 4, 8, 8] -> Reshape [-1, 8] -> (Q/DQ) -> qpass::Int4GroupGemm (K 8, N 6, g 8)."""
-    from qpass.plugins.onnx_node import DOMAIN, DOMAIN_VERSION
+    from qpass.plugin_spec import DOMAIN, DOMAIN_VERSION
 
     g = Graph()
     x = g.op("Reshape", ["x", g.tensor("shape", TensorProto.INT64, [2], [-1, 8])])
@@ -354,30 +355,52 @@ def test_onnxruntime_target_keeps_the_int8_preset(tiny_calibration):
     assert rules_of(compiled.model) >= {"qdq-dtype", "zero-point"}
 
 
+def test_int8_preset_takes_the_tensorrt_form_for_that_target(tiny_calibration):
+    """A preset names a format, the target its legal form: int8 for TensorRT is symmetric S8."""
+    compiled = qpass.compile(
+        tiny_cnn(), preset="int8", target="tensorrt", calibration=tiny_calibration, progress=False
+    )
+    zero_types = {n.inputs[2].dtype for n in compiled.model.graph if n.op_type == "QuantizeLinear"}
+    assert zero_types == {ir.DataType.INT8} and errors(compiled.findings) == []
+
+
 def test_compile_refuses_a_graph_tensorrt_would_reject(tiny_calibration):
+    ort_passes = presets.passes("int8", "onnxruntime")
     with pytest.raises(qpass.LintError, match="TensorRT would refuse") as caught:
         qpass.compile(
-            tiny_cnn(),
-            preset="int8",
-            target="tensorrt",
-            calibration=tiny_calibration,
-            progress=False,
+            tiny_cnn(), ort_passes, target="tensorrt", calibration=tiny_calibration, progress=False
         )
-    assert "int8-tensorrt" in str(caught.value)
     assert {f.rule for f in caught.value.findings} >= {"qdq-dtype", "zero-point"}
+
+
+def test_a_preset_for_another_target_is_refused_before_any_work(tiny_calibration):
+    with pytest.raises(qpass.QpassError, match="presets for tensorrt: int8"):
+        qpass.compile("missing.onnx", preset="w4a8", target="tensorrt")
 
 
 def test_cli_compile_and_lint(tmp_path, tiny_calibration, capsys):
     source, calib = tmp_path / "model.onnx", tmp_path / "calib.npz"
     onnx.save(tiny_cnn(), source)
     np.savez(calib, **tiny_calibration)
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [64, 32], rng.normal(0, 1, 64 * 32))
+    matmul = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])], [weight],
+    ), opset_imports=[helper.make_opsetid("", 17)])
+    matmul_source, matmul_calib = tmp_path / "matmul.onnx", tmp_path / "matmul.npz"
+    onnx.save(matmul, matmul_source)
+    np.savez(matmul_calib, x=rng.normal(0, 1, (16, 64)).astype(np.float32))
     refused = tmp_path / "refused.onnx"
-    args = ["compile", str(source), "--calib", str(calib), "--target", "tensorrt", "-q"]
-    assert main([*args, "-o", str(refused), "--preset", "int8"]) == 2
+    simulated = ["--preset", "w4a8-fp", "--storage", "float8", "--group-size", "16"]
+    assert main(["compile", str(matmul_source), "--calib", str(matmul_calib), "-q", "--target",
+                 "tensorrt", "-o", str(refused), *simulated]) == 2  # ORT's simulation of FP4
     assert not refused.exists()
     err = capsys.readouterr().err
-    assert "TensorRT would refuse" in err and "was not written" in err and "qdq-dtype" in err
+    assert "TensorRT would refuse" in err and "was not written" in err and "blockwise" in err
 
+    args = ["compile", str(source), "--calib", str(calib), "--target", "tensorrt", "-q"]
     legal, ort = tmp_path / "trt.onnx", tmp_path / "ort.onnx"
     assert main([*args, "-o", str(legal)]) == 0
     assert main(["lint", "--target", "tensorrt", str(legal)]) == 0

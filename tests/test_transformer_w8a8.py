@@ -13,9 +13,10 @@ from qpass.runtime.onnxruntime import optimized_op_types
 
 import qpass
 from qpass.calibration import Context
+from qpass.metadata import SENSITIVITY, SMOOTHQUANT_MULS
 from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
 from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
-from qpass.passes.smoothquant import SMOOTHQUANT_MULS, SmoothQuant
+from qpass.passes.smoothquant import SmoothQuant
 
 HIDDEN = 16
 
@@ -203,10 +204,10 @@ def test_static_preset_quantizes_only_weight_matmuls():
 
 
 def test_integer_matmul_lowering_takes_the_bias_and_keeps_the_qdq_numbers():
-    from qpass.presets import w8a8_smoothquant
+    from qpass.presets import passes as preset_passes
 
     model, data = block_graph(1, pre_ln=True), block_data()
-    passes = w8a8_smoothquant()
+    passes = preset_passes("w8a8-smoothquant")
     assert isinstance(passes[-1], LowerIntegerMatMul)
     qdq = qpass.compile(model, passes[:-1], calibration=data, progress=False)
     lowered = qpass.compile(model, passes, calibration=data, progress=False)
@@ -348,7 +349,7 @@ def test_keep_float_leaves_most_sensitive_layers_float_and_reports_them():
     compiled = qpass.compile(
         model, preset="w8a8-dynamic", calibration=data, keep_float=2, progress=False
     )
-    table = compiled.model.meta["qpass.sensitivity"]
+    table = compiled.model.meta[SENSITIVITY]
     assert len(table) == 7 and [kept for _, _, kept in table] == [True] * 2 + [False] * 5
     assert [db for _, db, _ in table] == sorted(db for _, db, _ in table)
     kept = {name for name, _, kept in table if kept}
@@ -382,7 +383,7 @@ def quantize_counting_runs(model: ir.Model, data) -> tuple[dict, int]:
 def test_insert_qdq_reuses_the_ranges_smoothquant_measured():
     """After SmoothQuant, a min-max InsertQDQ runs no calibration of its own and gets the
     scales a calibration run of the smoothed graph gives."""
-    from qpass.calibration import OBSERVED_RANGE
+    from qpass.metadata import OBSERVED_RANGE
 
     data = block_data()
     smoothed, _ = apply(block_graph(0, pre_ln=True), [SmoothQuant(alpha=0.5)], data)

@@ -8,20 +8,19 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qpass.plugins.int4_gemm import pack_nibbles, unpack_nibbles
 from qpass.runtime import onnxruntime as rt
 
 import qpass
-from qpass.passes import GPTQ, LowerToMatMulNBits, QuantizeLMHead, RoundToNearest
-from qpass.passes._blockwise import (
-    dequantize,
+from qpass.packing import (
     pack_matmulnbits,
     pack_matmulnbits_8bit,
-    quantize_rtn,
-    token_rows,
+    pack_nibbles,
     unpack_matmulnbits,
+    unpack_nibbles,
 )
+from qpass.passes import GPTQ, LowerToMatMulNBits, QuantizeLMHead, RoundToNearest
 from qpass.passes.gptq import GPTQSolver
+from qpass.passes.groupwise import dequantize, quantize_rtn, token_rows
 from qpass.schemes import QuantScheme
 
 SCHEMES = [
@@ -239,7 +238,7 @@ def test_act_order_wins_where_a_few_input_channels_carry_massive_activations(see
     down_proj): GPTQ rounding those columns first leaves less layer error than in index order,
     which is why the w4a16-gptq preset orders columns by default."""
     from qpass.passes.gptq import GPTQ
-    from qpass.presets import w4a16_gptq
+    from qpass.presets import passes
 
     rng = np.random.default_rng(seed)
     k, n = 256, 48
@@ -254,7 +253,7 @@ def test_act_order_wins_where_a_few_input_channels_carry_massive_activations(see
         for order in (False, True)
     }
     assert error[True] < error[False]
-    (gptq,) = [p for p in w4a16_gptq() if isinstance(p, GPTQ)]
+    (gptq,) = [p for p in passes("w4a16-gptq") if isinstance(p, GPTQ)]
     assert gptq.options["act_order"]
 
 
@@ -421,7 +420,8 @@ def captured_llama():
 
 
 def test_causal_lm_capture_has_dynamic_batch_and_sequence_and_linear_names(captured_llama):
-    from qpass.passes._blockwise import block_index, module_path, weight_matmuls
+    from qpass.graph import module_path
+    from qpass.passes.matmul_weights import block_index, weight_matmuls
 
     graph = captured_llama.graph
     assert [v.name for v in graph.inputs] == ["input_ids"] and graph.outputs[0].name == "logits"
@@ -535,14 +535,14 @@ def test_staged_calibration_sees_what_a_full_run_of_the_quantized_graph_sees(
 ):
     """Resuming each stage from the kept frontier gives the same H as running the whole graph
     whose earlier stages are quantized, stage after stage."""
-    from qpass.passes._blockwise import (
-        StagedCalibration,
+    from qpass.calibration.staged import StagedCalibration
+    from qpass.graph import constant
+    from qpass.passes.matmul_weights import (
         ensure_weight_opset,
         quantization_stages,
         replace_weight,
         weight_matmuls,
     )
-    from qpass.passes._graph import constant
 
     model = captured_llama.clone()
     ensure_weight_opset(model)

@@ -3,12 +3,10 @@
 from qpass.calibration.context import Context
 from qpass.calibration.data import CalibrationData
 from qpass.calibration.observers import (
-    OBSERVED_RANGE,
     HistogramObserver,
     MinMaxObserver,
     make_observer,
 )
 
 __all__ = [
-    "OBSERVED_RANGE",
     "CalibrationData", "Context", "HistogramObserver", "MinMaxObserver", "make_observer"]

@@ -74,7 +74,7 @@ class Context:
         outputs are dropped): the cheap way to reach an early layer of a deep model.
         """
         # ORT keeps every requested tensor; it may still fuse what nobody asked to see.
-        serialized, weights = _with_outputs_and_fed_weights(model, names, only)
+        serialized, weights = with_outputs_and_fed_weights(model, names, only)
         session = ort_runtime.session(serialized, arena=False)
         show = self.progress and progress
         for feed in tqdm(self.data, desc=description, unit="batch", disable=not show, leave=False):
@@ -104,10 +104,10 @@ def with_outputs(model: ir.Model | bytes, names: list[str], only: bool = False) 
     With `only`, the graph outputs just `names`, without the nodes and initializers that do not
     lead to them.
     """
-    return _with_outputs_and_fed_weights(model, names, only, feed_weights=False)[0]
+    return with_outputs_and_fed_weights(model, names, only, feed_weights=False)[0]
 
 
-def _with_outputs_and_fed_weights(
+def with_outputs_and_fed_weights(
     model: ir.Model | bytes, names: list[str], only: bool, feed_weights: bool = True
 ) -> tuple[bytes, dict[str, np.ndarray]]:
     """`with_outputs`, where the float initializers of an IR model of `FED_BYTES` or more (read

@@ -21,10 +21,6 @@ import numpy as np
 
 from qpass.schemes import QuantScheme
 
-OBSERVED_RANGE = "qpass.observed_range"
-"""`value.meta` key: (min, max) of the value over the calibration data, left by a pass that
-already measured it (SmoothQuant); a min-max calibration then needs no run of its own."""
-
 
 class MinMaxObserver:
     """Running minimum and maximum, per tensor (axis=None) or along one channel axis."""

@@ -19,6 +19,7 @@ from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
 from qpass.passes.lower_matmulnbits import LowerToMatMulNBits
 from qpass.passes.lower_onnxruntime import LowerForOnnxRuntime
 from qpass.passes.lower_tensorrt import LowerForTensorRT
+from qpass.passes.place_float8 import PlaceFloat8ForOnnxRuntime
 from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
 from qpass.passes.quantize_lm_head import QuantizeLMHead
 from qpass.passes.rtn import RoundToNearest
@@ -46,6 +47,7 @@ __all__ = [
     "LowerIntegerMatMul",
     "LowerToInt4Plugin",
     "LowerToMatMulNBits",
+    "PlaceFloat8ForOnnxRuntime",
     "QuantizeDynamicPerToken",
     "QuantizeLMHead",
     "RoundToNearest",

@@ -7,7 +7,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._chains import (
+from qpass.graph import constant, is_op
+from qpass.metadata import BN_STATISTICS
+from qpass.passes.chains import (
     Pair,
     bias_of,
     find_pairs,
@@ -15,8 +17,6 @@ from qpass.passes._chains import (
     set_bias,
     sum_over_inputs,
 )
-from qpass.passes._graph import constant, is_op
-from qpass.passes.fold_bn import BN_STATISTICS
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -12,17 +11,25 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qpass.calibration import Context
-from qpass.passes._graph import attribute, constant, is_op, set_constant, sole_consumer
+from qpass.graph import attribute, constant, is_op, set_constant, sole_consumer
+from qpass.passes.base import CalibratedPass, ReadsFloatModel
+from qpass.passes.rounding import (
+    INTEGER_RANGES,
+    full_scale_zero,
+    initial_logits,
+    integer_range,
+    rectified_sigmoid,
+    torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
 ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
-_ZETA, _GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Louizos et al. 2018)
 _STEP_ELEMENTS = 4 << 20
 _STEP_MACS = 128 << 20
 
 
-class AdaRound(ir.passes.InPlacePass):
+class AdaRound(ReadsFloatModel, CalibratedPass):
     """Choose up or down for every weight so each layer reproduces its float output
     (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization").
 
@@ -79,7 +86,7 @@ class AdaRound(ir.passes.InPlacePass):
         threads: int | None = 1,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(context)
         if min(iterations, batch_rows, rows, row_bytes) < 1:
             raise ValueError("AdaRound needs iterations, batch_rows, rows and row_bytes >= 1")
         if not 0 <= warmup < 1:
@@ -87,7 +94,6 @@ class AdaRound(ir.passes.InPlacePass):
         if not 0 <= held_out < 1:
             raise ValueError(f"held_out is a fraction of the rows in [0, 1), not {held_out}")
         self.held_out = held_out
-        self.context = context
         self.iterations, self.batch_rows = iterations, batch_rows
         self.rows, self.row_bytes = rows, row_bytes
         self.reg_weight, self.beta, self.warmup, self.lr = reg_weight, beta, warmup, lr
@@ -105,21 +111,18 @@ class AdaRound(ir.passes.InPlacePass):
         done = (step - warm) / max(self.iterations - warm, 1)
         return end + 0.5 * (start - end) * (1 + math.cos(math.pi * done))
 
-    def snapshot(self) -> ir.passes.InPlacePass:
-        """A pass that records the float model it sees; place it before InsertQDQ."""
-        return _RecordFloatModel(self)
+    def record(self, model: ir.Model) -> None:
+        self.float_model = ir.to_proto(model).SerializeToString()
+        self.float_layers = {
+            node.outputs[0].name: layer
+            for node in model.graph
+            if (layer := float_layer(node)) is not None
+        }
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.context is None:
-            raise ValueError("AdaRound needs a calibration Context (qpass.compile supplies one)")
-        if self.float_model is None:
-            raise ValueError(
-                "AdaRound needs the float model from before InsertQDQ: put its snapshot() pass "
-                "before InsertQDQ"
-            )
         layers = [layer for n in model.graph if (layer := self._roundable(n)) is not None]
         targets: dict[int, np.ndarray] = {}
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             for index, layer in enumerate(layers):
                 if index not in targets:
                     targets.update(self._float_targets(layers, index))
@@ -128,7 +131,7 @@ class AdaRound(ir.passes.InPlacePass):
         logger.info("adarounded %d layers", len(layers))
         return ir.passes.PassResult(model, modified=bool(layers))
 
-    def _roundable(self, node: ir.Node) -> _Layer | None:
+    def _roundable(self, node: ir.Node) -> RoundableLayer | None:
         """The layer to round, or None when rule 1 does not cover the op."""
         if not is_op(node, *ROUNDED_OPS) or not node.outputs:
             return None
@@ -139,9 +142,9 @@ class AdaRound(ir.passes.InPlacePass):
         if constant(dq.inputs[0]).shape != reference.weight.shape:
             logger.info("%s: the quantized weight's shape differs from the float one", node.name)
             return None
-        return _Layer(node, dq, reference)
+        return RoundableLayer(node, dq, reference)
 
-    def _float_targets(self, layers: list[_Layer], first: int) -> dict[int, np.ndarray]:
+    def _float_targets(self, layers: list[RoundableLayer], first: int) -> dict[int, np.ndarray]:
         """Float outputs f(W x + b) [groups, R, outs] at the sampled rows of layers `first`,
         first + 1, ... (as many as `row_bytes` hold their rows and outputs; at least one), from
         one run of the float model."""
@@ -163,17 +166,17 @@ class AdaRound(ir.passes.InPlacePass):
         rows.reverse()
         return {i: layers[i].reference.output_of(rows.pop()) for i in chosen}  # frees each
 
-    def _round_layer(self, model: ir.Model, layer: _Layer, index: int, total: int,
+    def _round_layer(self, model: ir.Model, layer: RoundableLayer, index: int, total: int,
                      target: np.ndarray) -> LayerResult:
         reference, shape = layer.reference, layer.reference.shape
         seed = (self.seed, index)
         request = (layer.node.inputs[0].name, shape, self._rows_per_sample(shape), seed)
         (inputs,) = _sample_rows(self.context, model, [request])
         integers = constant(layer.dq.inputs[0])
-        scale, zero = _full_scale_zero(layer.dq, integers.shape)
+        scale, zero = full_scale_zero(layer.dq, integers.shape)
         rounding = _Rounding(
             shape.canonical(reference.weight), shape.canonical(scale), shape.canonical(zero),
-            _integer_range(integers.dtype), reference, shape.canonical(integers),
+            integer_range(integers.dtype), reference, shape.canonical(integers),
         )
         with tqdm(total=self.iterations, desc=f"AdaRound {index + 1}/{total}", unit="it",
                   disable=not self.context.progress, leave=False) as bar:
@@ -420,9 +423,7 @@ class _Rounding:
         floor = torch.from_numpy((np.floor(self.scaled) + self.zero).astype(np.float32))
         scale = torch.from_numpy(self.scale.astype(np.float32))
         zero = torch.from_numpy(self.zero.astype(np.float32))
-        rest = np.clip(self.scaled - np.floor(self.scaled), 0.01, 0.99)
-        v = torch.tensor(-np.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1), dtype=torch.float32,
-                         requires_grad=True)
+        v = torch.tensor(initial_logits(self.scaled), dtype=torch.float32, requires_grad=True)
         optimizer = torch.optim.Adam([v], lr=options.lr)
         low, high = self.limits
         held_out = min(int(options.held_out * x.shape[1]), x.shape[1] - 1)
@@ -442,7 +443,7 @@ class _Rounding:
         for step in range(options.iterations):
             first = int(torch.randint(0, rows - batch + 1, (1,), generator=generator))
             window = slice(first, first + batch)
-            h = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+            h = rectified_sigmoid(v)
             loss = self._reconstruction(weight(h), x[:, window], y[:, window]) / unit
             if (beta := options.annealed_beta(step)) is not None:
                 loss = loss + options.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).mean()
@@ -493,7 +494,10 @@ class _Rounding:
 
 
 @dataclasses.dataclass
-class _Layer:
+class RoundableLayer:
+    """A layer to round: its op, the DequantizeLinear of its integer weight, and what the float
+    model says about it."""
+
     node: ir.Node
     dq: ir.Node
     reference: _FloatLayer
@@ -509,68 +513,4 @@ def _is_dequantized_integer_constant(node: ir.Node | None) -> bool:
         return False
     if constant(node.inputs[1]) is None:
         return False
-    return node.inputs[0].dtype in _INTEGER_RANGES
-
-
-_INTEGER_RANGES = {
-    ir.DataType.INT8: (-128, 127),
-    ir.DataType.UINT8: (0, 255),
-    ir.DataType.INT4: (-8, 7),
-    ir.DataType.UINT4: (0, 15),
-}
-
-
-def _integer_range(dtype: np.dtype) -> tuple[int, int]:
-    return _INTEGER_RANGES[ir.DataType.from_numpy(dtype)]
-
-
-def _full_scale_zero(dq: ir.Node, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The DequantizeLinear's scale and zero point broadcast to the weight's full shape
-    (per tensor, per axis, or blockwise)."""
-    scale = constant(dq.inputs[1]).astype(np.float64)
-    zero_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-    zero = np.zeros_like(scale) if zero_value is None else constant(zero_value).astype(np.float64)
-    if scale.ndim == 0 or scale.size == 1:
-        return np.full(shape, float(scale.reshape(-1)[0])), np.full(shape, zero.reshape(-1)[0])
-    axis = attribute(dq, "axis", 1) % len(shape)
-    block = attribute(dq, "block_size", 0)
-    if block:  # blockwise: same rank as the weight, `axis` cut into blocks
-        return (
-            np.repeat(scale, block, axis=axis).take(range(shape[axis]), axis=axis),
-            np.repeat(zero, block, axis=axis).take(range(shape[axis]), axis=axis),
-        )
-    view = [1] * len(shape)
-    view[axis] = -1
-    return (np.broadcast_to(scale.reshape(view), shape).copy(),
-            np.broadcast_to(zero.reshape(view), shape).copy())
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None):
-    """Run torch with `threads` intra-op threads inside the block, then restore the setting."""
-    import torch
-
-    saved = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-class _RecordFloatModel(ir.passes.InPlacePass):
-    """Keep the float model and its layers for an AdaRound pass; changes nothing."""
-
-    def __init__(self, owner: AdaRound):
-        super().__init__()
-        self.owner = owner
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.owner.float_model = ir.to_proto(model).SerializeToString()
-        self.owner.float_layers = {
-            node.outputs[0].name: layer
-            for node in model.graph
-            if (layer := float_layer(node)) is not None
-        }
-        return ir.passes.PassResult(model, modified=False)
+    return node.inputs[0].dtype in INTEGER_RANGES

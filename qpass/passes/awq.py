@@ -8,18 +8,18 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.calibration import Context
-from qpass.passes._blockwise import (
-    StagedWeightPass,
+from qpass.graph import constant, is_op, set_constant
+from qpass.passes.groupwise import (
     TokenStatistics,
     dequantize,
     group_ranges,
     grouped,
     quantize_with_ranges,
-    replace_weight,
 )
-from qpass.passes._graph import constant, is_op, set_constant
+from qpass.passes.matmul_weights import replace_weight
 from qpass.passes.rtn import WEIGHT_UINT4_G128
-from qpass.passes.smoothquant import _scale_weight_rows, _try_absorb_into_producer
+from qpass.passes.scaling import only_read_by, scale_weight_rows, try_absorb_into_producer
+from qpass.passes.staged import StagedWeightPass
 from qpass.schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class AWQ(StagedWeightPass):
             return np.ones_like(s)
         self.chosen[x.name], self.factors[x.name] = alpha, s
         for node in group:
-            _scale_weight_rows(graph, node, s)
+            scale_weight_rows(graph, node, s)
         return s
 
     def _search_scales(self, h, mean_abs, ws) -> tuple[np.ndarray, float]:
@@ -205,13 +205,8 @@ def _mul_factor(x: ir.Value) -> tuple[ir.Node, int] | None:
     return None
 
 
-def _only_read_by(x: ir.Value, group: list[ir.Node]) -> bool:
-    readers = {id(n) for n in group}
-    return not x.is_graph_output() and all(id(u.node) in readers for u in x.uses())
-
-
 def _can_absorb(x: ir.Value, group: list[ir.Node]) -> bool:
-    if not _only_read_by(x, group):
+    if not only_read_by(x, group):
         return False
     producer = x.producer()
     if _mul_factor(x) is not None:
@@ -227,7 +222,7 @@ def _absorb(graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.ndar
     """Fold diag(1/s) into X's producer (rule 2); False when no producer can take it."""
     found = _mul_factor(x)
     if found is None:
-        return _try_absorb_into_producer(graph, x, group, inverse)
+        return try_absorb_into_producer(graph, x, group, inverse)
     mul, i = found
     factor = mul.inputs[i]
     if constant(factor) is not None:

@@ -10,17 +10,15 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qpass.passes._graph import attribute, constant, is_op, set_constant, sole_consumer
-from qpass.passes.adaround import (
-    _GAMMA,
-    _INTEGER_RANGES,
-    _ZETA,
-    AdaRound,
-    LayerResult,
-    _full_scale_zero,
-    _integer_range,
-    _Layer,
-    _torch_threads,
+from qpass.graph import attribute, constant, is_op, set_constant, sole_consumer
+from qpass.passes.adaround import AdaRound, LayerResult, RoundableLayer
+from qpass.passes.rounding import (
+    INTEGER_RANGES,
+    full_scale_zero,
+    initial_logits,
+    integer_range,
+    rectified_sigmoid,
+    torch_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,12 +68,10 @@ class BlockAdaRound(AdaRound):
         self.block_layers = block_layers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.context is None or self.float_model is None:
-            return super().call(model)  # raises the clear error
         layers = [layer for n in model.graph if (layer := self._roundable(n)) is not None]
-        with _torch_threads(self.threads):
-            for number, block in enumerate(_blocks(layers, self.block_layers)):
-                if (program := _Program.of(block)) is not None:
+        with torch_threads(self.threads):
+            for number, block in enumerate(find_blocks(layers, self.block_layers)):
+                if (program := BlockProgram.of(block)) is not None:
                     self._round_block(model, block, program, number)
                     continue
                 for layer in block.layers:  # one float target each (rows seeded by index)
@@ -87,7 +83,7 @@ class BlockAdaRound(AdaRound):
         logger.info("rounded %d layers", len(layers))
         return ir.passes.PassResult(model, modified=bool(layers))
 
-    def _round_block(self, model: ir.Model, block: _Block, program: _Program, number: int):
+    def _round_block(self, model: ir.Model, block: _Block, program: BlockProgram, number: int):
         inputs, targets = self._block_samples(model, block)
         roundings = [_SoftWeight(layer) for layer in block.layers]
         with tqdm(total=self.iterations, desc=f"Block AdaRound {number + 1}", unit="it",
@@ -131,15 +127,15 @@ class BlockAdaRound(AdaRound):
 
 @dataclasses.dataclass
 class _Block:
-    layers: list[_Layer]
+    layers: list[RoundableLayer]
     input: str  # the (dequantized) tensor the first layer reads
     output: str  # a float tensor present in both graphs
     nodes: list[ir.Node]  # what computes `output` from `input`, in graph order
 
 
-def _blocks(layers: list[_Layer], most: int):
+def find_blocks(layers: list[RoundableLayer], most: int):
     """Rule 1: the layers cut into blocks, each with its input, output and nodes."""
-    current: list[_Layer] = []
+    current: list[RoundableLayer] = []
     for layer in layers:
         if current and not _feeds(current[-1], layer):
             yield _closed(current)
@@ -152,12 +148,12 @@ def _blocks(layers: list[_Layer], most: int):
         yield _closed(current)
 
 
-def _feeds(layer: _Layer, following: _Layer) -> bool:
+def _feeds(layer: RoundableLayer, following: RoundableLayer) -> bool:
     """`following` reads `layer`'s output (through its Relu/Clip and a Q/DQ pair)."""
     return _after_activation(layer.node.outputs[0]).name == _before_qdq(following.node.inputs[0])
 
 
-def _closed(layers: list[_Layer]) -> _Block:
+def _closed(layers: list[RoundableLayer]) -> _Block:
     source = layers[0].node.inputs[0]
     end = _after_activation(layers[-1].node.outputs[0])
     inside = _descendants(source)
@@ -225,7 +221,7 @@ def _between(source: ir.Value, end: ir.Value, inside: set[int]) -> list[ir.Node]
 # ---------------------------------------------------------------- the block as torch (rule 2)
 
 
-class _Program:
+class BlockProgram:
     """A block's nodes as a torch function of its input, weights replaceable by layer."""
 
     def __init__(self, block: _Block):
@@ -234,7 +230,7 @@ class _Program:
         self.constants: dict[str, object] = {}  # torch tensors of constants, made once
 
     @classmethod
-    def of(cls, block: _Block) -> _Program | None:
+    def of(cls, block: _Block) -> BlockProgram | None:
         """The program, or None when an op is not covered or a computed tensor other than the
         block input is read (rule 3)."""
         produced = {v.name for node in block.nodes for v in node.outputs}
@@ -272,7 +268,7 @@ class _Program:
             elif _is_weight_dq(node):  # a bias, or the weight of a layer not in the block
                 if out not in self.constants:
                     integers = constant(node.inputs[0])
-                    scale, zero = _full_scale_zero(node, integers.shape)
+                    scale, zero = full_scale_zero(node, integers.shape)
                     self.constants[out] = torch.from_numpy(
                         (scale * (integers - zero)).astype(np.float32)
                     )
@@ -296,7 +292,7 @@ def _covered(node: ir.Node) -> bool:
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):  # activations: integer, per tensor
         scale = constant(node.inputs[1])
         zero = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-        integer = zero is None or ir.DataType.from_numpy(zero.dtype) in _INTEGER_RANGES
+        integer = zero is None or ir.DataType.from_numpy(zero.dtype) in INTEGER_RANGES
         return scale is not None and scale.size == 1 and integer
     if node.op_type == "Slice":  # constant bounds, forward steps
         bounds = [constant(v) for v in node.inputs[1:]]
@@ -370,7 +366,7 @@ def _quantize(node, inputs):
     x, scale, *rest = inputs
     zero_value = node.inputs[2] if len(node.inputs) > 2 else None
     zero = rest[0] if rest and rest[0] is not None else 0.0
-    low, high = _integer_range(constant(zero_value).dtype) if zero_value else (0, 255)
+    low, high = integer_range(constant(zero_value).dtype) if zero_value else (0, 255)
     scaled = x / scale + zero
     return (scaled + (scaled.round() - scaled).detach()).clamp(low, high)
 
@@ -404,28 +400,24 @@ _OPS = {
 class _SoftWeight:
     """One layer's weight s (clip(floor(W/s) + h(V) + z) - z), in the weight's own layout."""
 
-    def __init__(self, layer: _Layer):
+    def __init__(self, layer: RoundableLayer):
         import torch
 
         integers = constant(layer.dq.inputs[0])
-        scale, zero = _full_scale_zero(layer.dq, integers.shape)
+        scale, zero = full_scale_zero(layer.dq, integers.shape)
         scaled = layer.reference.weight.astype(np.float64) / scale
         self.nearest = integers.astype(np.float64)
         self.integers = self.nearest
         self.floor = np.floor(scaled) + zero
-        self.limits = _integer_range(integers.dtype)
+        self.limits = integer_range(integers.dtype)
         self.scale, self.zero = scale, zero
-        rest = np.clip(scaled - np.floor(scaled), 0.01, 0.99)
-        self.v = torch.tensor(-np.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1),
-                              dtype=torch.float32, requires_grad=True)
+        self.v = torch.tensor(initial_logits(scaled), dtype=torch.float32, requires_grad=True)
         self._floor = torch.from_numpy(self.floor.astype(np.float32))
         self._scale = torch.from_numpy(scale.astype(np.float32))
         self._zero = torch.from_numpy(zero.astype(np.float32))
 
     def h(self):
-        import torch
-
-        return torch.clamp(torch.sigmoid(self.v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+        return rectified_sigmoid(self.v)
 
     def soft(self):
         import torch
@@ -441,7 +433,7 @@ class _SoftWeight:
         return np.clip(self.floor + (self.v.detach().numpy() >= 0), *self.limits)
 
 
-def _learn(options: AdaRound, program: _Program, roundings: list[_SoftWeight],
+def _learn(options: AdaRound, program: BlockProgram, roundings: list[_SoftWeight],
            inputs: np.ndarray, targets: np.ndarray, progress) -> LayerResult:
     import torch
 
@@ -490,7 +482,7 @@ def _reconstruction(out, y):
     return (out - y).pow(2).sum() / positions
 
 
-def _error(program: _Program, weights: list, x, y, chunk: int = 16) -> float:
+def _error(program: BlockProgram, weights: list, x, y, chunk: int = 16) -> float:
     total = sum(
         float(_reconstruction(program(weights, x[i : i + chunk]), y[i : i + chunk]))
         * len(x[i : i + chunk])

@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.calibration import Context
-from qpass.passes._graph import attribute, constant, initializer, is_op, set_constant
+from qpass.graph import attribute, constant, initializer, is_op, set_constant
+from qpass.passes.base import CalibratedPass, ReadsFloatModel
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ CORRECTED_OPS = ("Conv", "Gemm")
 _INT32_LIMIT = 2**31 - 1
 
 
-class CorrectBias(ir.passes.InPlacePass):
+class CorrectBias(ReadsFloatModel, CalibratedPass):
     """Shift the bias of each quantized layer so its mean output is what its float weights give.
 
     Rounding weights to a coarse (per-tensor) grid biases a layer's outputs: E[W̃x̃] != E[Wx̃],
@@ -50,23 +51,17 @@ class CorrectBias(ir.passes.InPlacePass):
     def __init__(
         self, context: Context | None = None, *, reference: ir.Model | None = None, sweeps: int = 1
     ):
-        super().__init__()
-        self.context = context
-        self.float_weights = None if reference is None else _layer_weights(reference)
+        super().__init__(context)
+        self.float_weights: dict | None = None
         self.sweeps = sweeps
+        if reference is not None:
+            self.record(reference)
+            self.recorded = True
 
-    def snapshot(self) -> ir.passes.InPlacePass:
-        """A pass that records the float weights of the model it sees; place it before InsertQDQ."""
-        return _RecordFloatWeights(self)
+    def record(self, model: ir.Model) -> None:
+        self.float_weights = _layer_weights(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.context is None:
-            raise ValueError("CorrectBias needs a calibration Context (qpass.compile supplies one)")
-        if self.float_weights is None:
-            raise ValueError(
-                "CorrectBias needs the float weights from before InsertQDQ: put its snapshot() "
-                "pass before InsertQDQ, or give reference="
-            )
         layers = [n for n in model.graph if self._is_correctable(n)]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
@@ -146,18 +141,6 @@ class CorrectBias(ir.passes.InPlacePass):
         scale = constant(dq.inputs[1]).astype(np.float64)
         corrected = np.clip(np.rint(bias + shift / scale), -_INT32_LIMIT, _INT32_LIMIT)
         dq.replace_input_with(0, set_constant(graph, dq.inputs[0], corrected.astype(np.int32)))
-
-
-class _RecordFloatWeights(ir.passes.InPlacePass):
-    """Keep the float weights of every layer for a CorrectBias pass; changes nothing."""
-
-    def __init__(self, owner: CorrectBias):
-        super().__init__()
-        self.owner = owner
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.owner.float_weights = _layer_weights(model)
-        return ir.passes.PassResult(model, modified=False)
 
 
 def _reduce_mean(graph: ir.Graph, x: ir.Value, axes: list[int], opset: int, name: str) -> ir.Node:

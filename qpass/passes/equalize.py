@@ -7,7 +7,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._chains import (
+from qpass.graph import constant
+from qpass.metadata import BN_STATISTICS, RELU6_REPLACED
+from qpass.passes.chains import (
     Pair,
     bias_of,
     find_pairs,
@@ -19,15 +21,8 @@ from qpass.passes._chains import (
     set_bias,
     set_weight,
 )
-from qpass.passes._graph import constant
-from qpass.passes.fold_bn import BN_STATISTICS
 
 logger = logging.getLogger(__name__)
-
-RELU6_REPLACED = "qpass.relu6_replaced"
-"""`model.meta` list (and comma-separated `model.metadata_props` entry) of the Clip(0, max)
-nodes that EqualizeCrossLayer(allow_relu6=True) replaced by Relu."""
-
 
 class EqualizeCrossLayer(ir.passes.InPlacePass):
     """Rescale channels between consecutive layers so both have the same per-channel weight range.

@@ -7,14 +7,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, constant, initializer, is_op, set_constant, sole_consumer
+from qpass.graph import attribute, constant, initializer, is_op, set_constant, sole_consumer
+from qpass.metadata import BN_STATISTICS
 
 logger = logging.getLogger(__name__)
-
-BN_STATISTICS = "qpass.batchnorm"
-"""`node.meta` key of a layer that absorbed a BatchNormalization: {"gamma", "beta"} per channel,
-the pre-activation distribution that high-bias absorption (Nagel et al. 2019, §4.1) relies on."""
-
 
 class FoldBatchNorm(ir.passes.InPlacePass):
     """Fold BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul that feeds it.

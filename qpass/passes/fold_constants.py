@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qpass.passes._graph import constant
+from qpass.graph import constant
 
 
 class FoldConstants(ir.passes.InPlacePass):
     """Replace nodes whose inputs are all constants by their values, then drop dead nodes.
 
-    Rewrite rules (delegated to `onnxscript.optimizer` FoldConstantsPass):
+    Rewrite rules (delegated to `onnxscript.optimizer.fold_constants`):
 
     1. A node whose inputs are all constants (initializers or Constant outputs), for example the
        CastLike'd Clip bounds or the Shape/Concat arithmetic of an unoptimized export, becomes
@@ -25,11 +25,11 @@ class FoldConstants(ir.passes.InPlacePass):
         if not any(self._computes_from_constants(node) for node in model.graph):
             return ir.passes.PassResult(model, modified=False)
         from onnx_ir.passes.common import RemoveUnusedNodesPass
-        from onnxscript.optimizer._constant_folding import FoldConstantsPass
+        from onnxscript.optimizer import fold_constants
 
-        folded = FoldConstantsPass(
-            shape_inference=False, input_size_limit=1024, output_size_limit=1 << 20
-        )(model)
+        folded = fold_constants(
+            model, onnx_shape_inference=False, input_size_limit=1024, output_size_limit=1 << 20
+        )
         RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=folded.modified)
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, constant, is_op, sole_consumer
+from qpass.graph import attribute, constant, is_op, sole_consumer
 
 logger = logging.getLogger(__name__)
 

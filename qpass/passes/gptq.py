@@ -9,16 +9,12 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qpass.calibration import Context
-from qpass.passes._blockwise import (
-    StagedCalibration,
-    StagedWeightPass,
-    TokenStatistics,
-    group_ranges,
-    grouped,
-    replace_weight,
-)
-from qpass.passes._graph import constant
+from qpass.calibration.staged import StagedCalibration
+from qpass.graph import constant
+from qpass.passes.groupwise import TokenStatistics, group_ranges, grouped
+from qpass.passes.matmul_weights import replace_weight
 from qpass.passes.rtn import WEIGHT_UINT4_G128
+from qpass.passes.staged import StagedWeightPass
 from qpass.schemes import QuantScheme
 
 logger = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.calibration import OBSERVED_RANGE, Context, make_observer
+from qpass.calibration import Context, make_observer
 from qpass.errors import ModelError
-from qpass.passes._graph import (
+from qpass.graph import (
     attribute,
     constant,
     initializer,
@@ -19,13 +19,11 @@ from qpass.passes._graph import (
     raise_opset,
     sole_consumer,
 )
+from qpass.metadata import OBSERVED_RANGE, QUANTIZES
+from qpass.passes.base import CalibratedPass, is_kept_float
 from qpass.schemes import ACTIVATION_UINT8, FP4, WEIGHT_INT8, QuantScheme
 
 logger = logging.getLogger(__name__)
-
-QUANTIZES = "qpass.quantizes"
-"""`metadata_props` key on each activation DequantizeLinear: the float tensor it stands for."""
-
 
 @dataclasses.dataclass(frozen=True)
 class _OpRule:
@@ -49,7 +47,7 @@ _RULES = {
 QUANTIZABLE_OPS = tuple(_RULES)
 
 
-class InsertQDQ(ir.passes.InPlacePass):
+class InsertQDQ(CalibratedPass):
     """Quantize the inputs and outputs of every supported op with Q/DQ pairs (QDQ format).
 
     Rewrite rules, for each op in QUANTIZABLE_OPS not excluded:
@@ -59,16 +57,14 @@ class InsertQDQ(ir.passes.InPlacePass):
        by transB, MatMul axis 1) or per tensor, with its own min-max range.
     2. A constant 1-D bias becomes int32 with scale = activation scale x weight scale, zero point 0
        (integer schemes; with an FP8 weight or activation scheme the bias stays float).
-       FP4 E2M1 weights are block-scaled instead (`qpass.passes._block_float`).
+       FP4 E2M1 weights are block-scaled instead (`qpass.passes.block_scaled_fp4`).
     3. Each float activation input, and the output (looking through a sole Relu/Clip consumer, which
        FuseRequant later removes), becomes x -> Q -> DQ -> consumers, one pair per tensor shared by
        all readers, with scale and zero point from the activation scheme's calibrated range.
     4. An op whose inputs cannot all be quantized (a computed weight of a Conv, a constant input of
        an Add) is left in float and logged.
     5. The model's opset is raised to what the schemes' types need (19 for FP8 E4M3).
-    6. FP8 activations (ONNX Runtime 1.32 workarounds, same numbers): scale and zero point are
-       one-element 1-D tensors, and the pair on a Relu's output moves in front of the Relu.
-    7. An activation whose calibrated range exceeds SENTINEL_RANGE (1e30: masking sentinels,
+    6. An activation whose calibrated range exceeds SENTINEL_RANGE (1e30: masking sentinels,
        not data) gets no pair and stays float.
 
     Ranges of all activations come from one streaming pass over the calibration data on the float
@@ -87,18 +83,15 @@ class InsertQDQ(ir.passes.InPlacePass):
         computed_weights: bool = True,
         fp4_storage: str = "float8",
     ):
-        super().__init__()
+        super().__init__(context)
         self.fp4_storage = fp4_storage  # FP4 weights: "float8" (simulated) or "float4" (opset 23)
         self.computed_weights = computed_weights  # False: MatMul/Gemm of two activations stay float
-        self.context = context
         self.weights = weights
         self.activations = activations
         self.op_types = tuple(op_types)
         self.exclude = frozenset(exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.context is None:
-            raise ValueError("InsertQDQ needs a calibration Context (qpass.compile supplies one)")
         raise_opset(model, max(self.weights.min_opset, self.activations.min_opset))
         graph = model.graph
         nodes = [n for n in graph if self._is_quantizable(n)]
@@ -123,7 +116,7 @@ class InsertQDQ(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _is_quantizable(self, node: ir.Node) -> bool:
-        if not is_op(node, *self.op_types) or node.name in self.exclude:
+        if not is_op(node, *self.op_types) or is_kept_float(node, self.exclude):
             return False
         rule = _RULES[node.op_type]
         float_inputs = [node.inputs[i] for i in rule.activations if i < len(node.inputs)]
@@ -184,15 +177,15 @@ class InsertQDQ(ir.passes.InPlacePass):
         if weight is None:
             return
         axis = output_channel_axis(node, weight.ndim)
-        if self.weights.dtype == FP4:  # block-scaled FP4 (qpass.passes._block_float)
-            from qpass.passes._block_float import dequantize_node
+        if self.weights.dtype == FP4:  # block-scaled FP4 (qpass.passes.block_scaled_fp4)
+            from qpass.passes.block_scaled_fp4 import dequantize_node
 
             name = node.inputs[rule.weight].name
             dq = dequantize_node(graph, name, self.weights, weight, node, self.fp4_storage)
             graph.insert_before(node, dq)
             node.replace_input_with(rule.weight, dq.outputs[0])
             return
-        w_scale, w_zero = _weight_params(self.weights, weight, axis)
+        w_scale, w_zero = weight_params(self.weights, weight, axis)
         bias = (
             constant(node.inputs[rule.bias])
             if rule.bias is not None and len(node.inputs) > rule.bias
@@ -228,11 +221,6 @@ class InsertQDQ(ir.passes.InPlacePass):
     def _insert_pair(self, graph: ir.Graph, value: ir.Value, scale, zero_point) -> None:
         name = value.name
         scale, zero_point = np.asarray(scale, np.float32), np.asarray(zero_point)
-        if self.activations.is_float:
-            # One-element 1-D (still per tensor): ONNX Runtime 1.32's ClipQuantFusion throws on
-            # a scalar FP8 zero point after a Clip ("Unexpected data type for QuantizeLinear
-            # input y_zero_point") and skips non-scalar ones.
-            scale, zero_point = scale.reshape(1), zero_point.reshape(1)
         scale_v = initializer(graph, f"{name}_scale", scale)
         zero_v = initializer(graph, f"{name}_zero_point", zero_point)
         q = ir.node("QuantizeLinear", [value, scale_v, zero_v], name=f"{name}_QuantizeLinear")
@@ -248,17 +236,6 @@ class InsertQDQ(ir.passes.InPlacePass):
         dq.outputs[0].name = f"{name}_dequantized"
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, value.shape
         producer = value.producer()
-        if self.activations.is_float and _is_relu_of_sole_reader(producer):
-            # Relu -> Q(FP8) -> DQ  ==>  Q -> DQ -> Relu, the same numbers (a symmetric Q maps
-            # negatives to <= 0 and commutes with Relu); ONNX Runtime 1.32's ReluQuantFusion
-            # would drop the Relu in front of an FP8 QuantizeLinear, as if the type were unsigned.
-            value = producer.inputs[0]
-            dq.metadata_props[QUANTIZES] = value.name
-            q.replace_input_with(0, value)
-            producer.replace_input_with(0, dq.outputs[0])
-            dq.outputs[0].shape = q.outputs[0].shape = value.shape
-            graph.insert_before(producer, [q, dq])
-            return
         if producer is None:
             graph.insert_before(graph[0], [q, dq])
         else:
@@ -293,11 +270,6 @@ def _through_activation(value: ir.Value) -> ir.Value:
     return value
 
 
-def _is_relu_of_sole_reader(node: ir.Node | None) -> bool:
-    """A Relu whose input has no other reader (a Q/DQ pair can move in front of it)."""
-    return is_op(node, "Relu") and sole_consumer(node.inputs[0]) is node
-
-
 _INT32_LIMIT = 2**31 - 2**10  # margin for float32 rounding of the bias scale
 
 
@@ -326,7 +298,7 @@ def _is_plain_gemm(node: ir.Node) -> bool:
     )
 
 
-def _weight_params(scheme: QuantScheme, weight: np.ndarray, axis: int):
+def weight_params(scheme: QuantScheme, weight: np.ndarray, axis: int):
     """Scale and zero point of a weight: its min-max range, or with method "mse" the range
     shrunk by the factor in [0.5, 1] that minimizes each channel's squared rounding error;
     per-channel pow2-group scales take the common base with the least error."""

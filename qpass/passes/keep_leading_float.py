@@ -6,25 +6,25 @@ import logging
 
 import onnx_ir as ir
 
-from qpass.passes._graph import constant, is_op
+from qpass.graph import constant, is_op
+from qpass.metadata import LEADING_FLOAT
+from qpass.passes.base import Pass, keep_float
 
 logger = logging.getLogger(__name__)
-
-LEADING_FLOAT = "qpass.leading_float"
-"""`model.meta` key: the names of the layers this pass left in float, in graph order."""
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-class KeepLeadingLayersFloat(ir.passes.InPlacePass):
+class KeepLeadingLayersFloat(Pass):
     """Leave the first `count` weighted layers (Conv, ConvTranspose, Gemm, MatMul with a constant
     weight, in graph order from the inputs) in float; the quantizing pass that runs next skips
     them.
 
     Rewrite rules (the graph itself is not changed here):
 
-    1. The names of the first `count` weighted layers are added to `target.exclude` (an unnamed
-       one is named "{op_type}_{position in the graph}" first: exclusion goes by name).
+    1. The first `count` weighted layers are marked to stay float (`keep_float`: the quantizing
+       pass that runs next skips them); an unnamed one is named "{op_type}_{position in the
+       graph}" first, for the report.
     2. Their names go to model.meta[LEADING_FLOAT].
 
     With a contiguous prefix left float, no Q/DQ pair remains between two float layers (a
@@ -37,11 +37,10 @@ class KeepLeadingLayersFloat(ir.passes.InPlacePass):
     blocks give the six lowest model-output SQNRs (12.6-23 dB, median of all layers 34 dB).
     """
 
-    def __init__(self, target: ir.passes.PassBase, count: int):
+    def __init__(self, count: int):
         super().__init__()
         if count < 0:
             raise ValueError(f"the number of float layers must be >= 0, not {count}")
-        self.target = target
         self.count = count
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -52,8 +51,9 @@ class KeepLeadingLayersFloat(ir.passes.InPlacePass):
             if node in nodes and not node.name:
                 node.name = _unique(f"{node.op_type}_{position}", taken)
                 renamed = True
+        for node in nodes:
+            keep_float(node, f"among the first {self.count} layers (KeepLeadingLayersFloat)")
         layers = [n.name for n in nodes]
-        self.target.exclude = frozenset(self.target.exclude) | set(layers)
         model.meta[LEADING_FLOAT] = layers
         logger.info("left the first %d weighted layers in float: %s", len(layers), layers)
         return ir.passes.PassResult(model, modified=renamed)

@@ -7,13 +7,15 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._blockwise import FOUR_BIT, dequantize, weight_matmuls
-from qpass.passes._graph import attribute, constant, initializer, is_op
+from qpass.graph import attribute, constant, initializer, is_op
+from qpass.passes.base import ReadsFloatModel
+from qpass.passes.groupwise import dequantize
+from qpass.passes.matmul_weights import FOUR_BIT, weight_matmuls
 
 logger = logging.getLogger(__name__)
 
 
-class LowRankCompensation(ir.passes.InPlacePass):
+class LowRankCompensation(ReadsFloatModel):
     """Low-rank compensation of weight quantization error (Yao et al. 2023, "ZeroQuant-V2:
     Exploring Post-training Quantization in LLMs from Comprehensive Study to Low Rank
     Compensation", §5).
@@ -38,9 +40,10 @@ class LowRankCompensation(ir.passes.InPlacePass):
         self.rank = rank
         self.float_weights: dict[str, ir.TensorProtocol] = {}
 
-    def snapshot(self) -> ir.passes.InPlacePass:
-        """A pass that records the float weights of the MatMuls this pass will compensate."""
-        return _Snapshot(self)
+    def record(self, model: ir.Model) -> None:
+        """Keep references to the float weights of the MatMuls to compensate (no copy)."""
+        for node in weight_matmuls(model.graph, lm_head=True):
+            self.float_weights[node.name] = ir.convenience.get_const_tensor(node.inputs[1])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         compensated = 0
@@ -55,19 +58,6 @@ class LowRankCompensation(ir.passes.InPlacePass):
         self.float_weights.clear()
         logger.info("LoRC added rank-%d branches to %d MatMuls", self.rank, compensated)
         return ir.passes.PassResult(model, modified=compensated > 0)
-
-
-class _Snapshot(ir.passes.InPlacePass):
-    """Keep references to the float weights of the MatMuls LoRC will see (no copy)."""
-
-    def __init__(self, owner: LowRankCompensation):
-        super().__init__()
-        self.owner = owner
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        for node in weight_matmuls(model.graph, lm_head=True):
-            self.owner.float_weights[node.name] = ir.convenience.get_const_tensor(node.inputs[1])
-        return ir.passes.PassResult(model, modified=False)
 
 
 def low_rank(e: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

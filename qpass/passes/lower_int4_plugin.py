@@ -7,8 +7,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._blockwise import is_packable_weight, packable_group, quantize_rtn
-from qpass.passes._graph import attribute, constant, initializer, is_op
+from qpass.graph import attribute, constant, initializer, is_op
+from qpass.metadata import PLUGIN_K
+from qpass.packing import pack_4bit, packable_group
+from qpass.passes.groupwise import quantize_rtn
+from qpass.passes.matmul_weights import is_packable_weight
+from qpass.plugin_spec import DOMAIN, DOMAIN_VERSION, ir_node
 from qpass.schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -18,7 +22,7 @@ WEIGHT_INT4_G128 = QuantScheme(dtype="int4", symmetric=True, group_size=128)
 
 class LowerToInt4Plugin(ir.passes.InPlacePass):
     """Replace weight-only 4-bit MatMuls, and 1x1 convolutions, by the `qpass::Int4GroupGemm`
-    TensorRT plugin node (`qpass.plugins.onnx_node`; kernel in `qpass.plugins.int4_gemm`).
+    TensorRT plugin node (node form in `qpass.plugin_spec`; kernel in `qpass.plugins.int4_gemm`).
 
     TensorRT runs INT4 weights natively only as blockwise DequantizeLinear into MatMul/Gemm;
     convolutions have no INT4 path at all. A 1x1 convolution is a GEMM over the channel axis,
@@ -28,11 +32,11 @@ class LowerToInt4Plugin(ir.passes.InPlacePass):
 
     1. MatMul(x, DequantizeLinear(q [K, N] int4/uint4 constant, s [K/g, N], z; axis=0,
        block_size=g))  ==>  Int4GroupGemm(x, b, s', z'; block_size=g), with (b, s', z') the
-       MatMulNBits layout of (q, s, z) (`qpass.plugins.int4_gemm.pack`): b uint8 [N, K/g, g/2]
+       MatMulNBits layout of (q, s, z) (`qpass.packing.pack_4bit`): b uint8 [N, K/g, g/2]
        low nibble first, s' = sᵀ, z' packed zero points (8 where the weight is symmetric).
        The weights the plugin computes with are exactly the DequantizeLinear's.
     2. Conv(x [B, C, H, W], W [F, C, 1, 1] float constant, bias; 1x1, stride 1, no padding,
-       dilation 1, group 1)  ==>  Transpose(Int4GroupGemm(Transpose(x, NHWC), pack(q, s, z))
+       dilation 1, group 1)  ==>  Transpose(Int4GroupGemm(Transpose(x, NHWC), pack_4bit(q, s, z))
        + bias, NCHW), with (q, s, z) the round-to-nearest group-wise quantization of the
        [C, F] matrix Wᵀ under `weights` (when `convolutions` is true).
     3. The rule fires for g a power of two >= 16 (the kernel's K tile divides g) and, for
@@ -50,8 +54,6 @@ class LowerToInt4Plugin(ir.passes.InPlacePass):
         self.convolutions = convolutions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from qpass.plugins.onnx_node import DOMAIN, DOMAIN_VERSION
-
         graph = model.graph
         counts = {"matmul": 0, "conv": 0}
         for node in list(graph):
@@ -119,9 +121,7 @@ class LowerToInt4Plugin(ir.passes.InPlacePass):
         _take_over(graph, conv, nchw.outputs[0])
 
     def _packed(self, graph, base, q, scale, zero, g) -> list[ir.Value]:
-        from qpass.plugins.int4_gemm import pack
-
-        b, scales, zero_points = pack(q, scale, zero, g)
+        b, scales, zero_points = pack_4bit(q, scale, zero, g)
         return [
             initializer(graph, f"{base}.int4_b", b),
             initializer(graph, f"{base}.int4_scales", scales.astype(np.float32)),
@@ -130,10 +130,8 @@ class LowerToInt4Plugin(ir.passes.InPlacePass):
 
 
 def _plugin(weights: list[ir.Value], x: ir.Value, g: int, k: int, name: str | None) -> ir.Node:
-    from qpass.plugins.onnx_node import ir_node
-
     node = ir_node([x, *weights], g, name=name)
-    node.metadata_props["qpass.K"] = str(k)
+    node.metadata_props[PLUGIN_K] = str(k)
     node.outputs[0].dtype = ir.DataType.FLOAT
     return node
 

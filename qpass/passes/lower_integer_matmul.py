@@ -7,11 +7,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, constant, initializer, is_op, sole_consumer
+from qpass.graph import MS_DOMAIN, attribute, constant, initializer, is_op, sole_consumer
 
 logger = logging.getLogger(__name__)
-
-MS_DOMAIN = "com.microsoft"
 
 
 class LowerIntegerMatMul(ir.passes.InPlacePass):

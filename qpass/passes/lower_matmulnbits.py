@@ -7,18 +7,11 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._blockwise import (
-    EIGHT_BIT,
-    FOUR_BIT,
-    is_packable_weight,
-    pack_matmulnbits,
-    pack_matmulnbits_8bit,
-)
-from qpass.passes._graph import attribute, constant, initializer
+from qpass.graph import MS_DOMAIN, attribute, constant, initializer
+from qpass.packing import pack_matmulnbits, pack_matmulnbits_8bit
+from qpass.passes.matmul_weights import EIGHT_BIT, FOUR_BIT, is_packable_weight
 
 logger = logging.getLogger(__name__)
-
-MS_DOMAIN = "com.microsoft"
 
 
 class LowerToMatMulNBits(ir.passes.InPlacePass):

@@ -7,7 +7,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import constant, initializer, is_op
+from qpass.graph import constant, initializer, is_op
+from qpass.metadata import UNFUSED
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,14 @@ class LowerForOnnxRuntime(ir.passes.InPlacePass):
        float.
     2. Check, per op, that every float input comes from a DequantizeLinear and (except Gemm and
        MatMul, whose integer kernels may output float) the output goes to a QuantizeLinear; ops
-       that will not fuse are listed in a warning and in `model.meta["qpass.unfused"]`.
+       that will not fuse are listed in a warning and in `model.meta[UNFUSED]`.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         shifted = sum(self._try_shift_to_uint8(graph, node) for node in list(graph))
         unfused = [f"{n.op_type} {n.name}: {why}" for n in graph if (why := _why_unfused(n))]
-        model.meta["qpass.unfused"] = unfused
+        model.meta[UNFUSED] = unfused
         if unfused:
             logger.warning(
                 "%d quantized ops will not fuse in ONNX Runtime:\n  %s",

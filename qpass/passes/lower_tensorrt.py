@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import (
+from qpass.graph import (
     attribute,
     constant,
     initializer,

@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.errors import ModelError
-from qpass.passes._graph import constant, initializer, is_op
+from qpass.graph import constant, initializer, is_op
+from qpass.passes.base import is_kept_float
 from qpass.schemes import WEIGHT_INT8, QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class QuantizeDynamicPerToken(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = [n for n in graph if n.name not in self.exclude and _is_weight_matmul(n)]
+        nodes = [n for n in graph if not is_kept_float(n, self.exclude) and _is_weight_matmul(n)]
         if not nodes:
             raise ModelError("the model has no MatMul with a constant 2-D weight to quantize")
         quantized: dict[int, tuple[ir.Value, ir.Value]] = {}

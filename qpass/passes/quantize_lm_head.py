@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qpass.passes._blockwise import is_final_projection
+from qpass.passes.matmul_weights import is_final_projection
 from qpass.passes.rtn import RoundToNearest
 from qpass.schemes import QuantScheme
 

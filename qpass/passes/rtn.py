@@ -6,14 +6,14 @@ import logging
 
 import onnx_ir as ir
 
-from qpass.passes._blockwise import (
+from qpass.graph import constant
+from qpass.passes.groupwise import quantize_rtn
+from qpass.passes.matmul_weights import (
     ensure_weight_opset,
-    quantize_rtn,
     replace_weight,
     untie_final_projection,
     weight_matmuls,
 )
-from qpass.passes._graph import constant
 from qpass.schemes import QuantScheme
 
 logger = logging.getLogger(__name__)

@@ -9,16 +9,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.calibration import Context
-from qpass.passes._graph import constant, is_op
+from qpass.graph import constant, is_op
+from qpass.metadata import SENSITIVITY
+from qpass.passes.base import CalibratedPass, keep_float
 
 logger = logging.getLogger(__name__)
 
-SENSITIVITY = "qpass.sensitivity"
-"""`model.meta` list of (node name, output SQNR dB with only that layer quantized, kept float),
-most sensitive first."""
 
-
-class KeepSensitiveFloat(ir.passes.InPlacePass):
+class KeepSensitiveFloat(CalibratedPass):
     """Leave the `keep_float` most sensitive MatMul/Gemm layers in float.
 
     Rewrite rules (the graph itself is not changed here):
@@ -26,8 +24,9 @@ class KeepSensitiveFloat(ir.passes.InPlacePass):
     1. For each MatMul/Gemm with a constant weight, quantize a copy of the model with only that
        layer quantized (`quantize(exclude=every other layer)`), run it on the calibration data and
        measure the SQNR of the model outputs against the float model.
-    2. The `keep_float` layers with the lowest SQNR are added to `target.exclude`, the quantizing
-       pass that runs next, and the table goes to model.meta[SENSITIVITY] (the report shows it).
+    2. The `keep_float` layers with the lowest SQNR are marked to stay float (`keep_float`: the
+       quantizing pass that runs next skips them), and the table goes to model.meta[SENSITIVITY]
+       (the report shows it).
 
     One-at-a-time sensitivity as in mixed-precision PTQ practice (Nagel et al. 2021, "A White Paper
     on Neural Network Quantization", §4.4 debugging; Dong et al. 2019 rank layers similarly).
@@ -35,22 +34,15 @@ class KeepSensitiveFloat(ir.passes.InPlacePass):
 
     def __init__(
         self,
-        target: ir.passes.PassBase,
         quantize: Callable[[frozenset[str]], list[ir.passes.PassBase]],
         keep_float: int,
         context: Context | None = None,
     ):
-        super().__init__()
-        self.target = target
+        super().__init__(context)
         self.quantize = quantize
         self.keep_float = keep_float
-        self.context = context
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.context is None:
-            raise ValueError(
-                "KeepSensitiveFloat needs calibration data (qpass.compile supplies it)"
-            )
         layers = [n.name for n in model.graph if _is_weight_layer(n) and n.name]
         outputs = [v.name for v in model.graph.outputs]
         reference = _flat_outputs(self.context.run(model, outputs, "float outputs", progress=False))
@@ -59,7 +51,7 @@ class KeepSensitiveFloat(ir.passes.InPlacePass):
         for name in layers:
             copy = model.clone()
             for p in self.quantize(frozenset(layers) - {name}):
-                if getattr(p, "context", False) is None:
+                if isinstance(p, CalibratedPass):
                     p.context = self.context
                 copy = p(copy).model
             quantized = _flat_outputs(self.context.run(copy, outputs, progress=False))
@@ -67,7 +59,9 @@ class KeepSensitiveFloat(ir.passes.InPlacePass):
             table.append((name, float(10 * np.log10(max(signal, 1e-30) / max(noise, 1e-30)))))
         table.sort(key=lambda row: row[1])
         keep = {name for name, _ in table[: self.keep_float]}
-        self.target.exclude = frozenset(self.target.exclude) | keep
+        for node in model.graph:
+            if node.name in keep:
+                keep_float(node, "among the most sensitive layers (KeepSensitiveFloat)")
         model.meta[SENSITIVITY] = [(n, db, n in keep) for n, db in table]
         logger.info("kept %d most sensitive layers in float: %s", len(keep), sorted(keep))
         return ir.passes.PassResult(model, modified=False)

@@ -7,21 +7,20 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.calibration import OBSERVED_RANGE, Context, MinMaxObserver
-from qpass.passes._graph import attribute, constant, initializer, is_op, set_constant
+from qpass.calibration import Context, MinMaxObserver
+from qpass.graph import attribute, constant, initializer, is_op
+from qpass.metadata import OBSERVED_RANGE, SMOOTHQUANT_MULS
+from qpass.passes.base import CalibratedPass
+from qpass.passes.scaling import has_scalable_weight, scale_weight_rows, try_absorb_into_producer
 from qpass.schemes import ACTIVATION_UINT8, WEIGHT_INT8, QuantScheme
 
 logger = logging.getLogger(__name__)
-
-SMOOTHQUANT_MULS = "qpass.smoothquant_muls"
-"""`model.meta` list of the activations that got an explicit Mul(1/s) because no producer could
-absorb the smoothing factors (one line per activation)."""
 
 ALPHA_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
 _MAX_ROWS = 128  # activation rows kept per tensor for the auto-alpha search
 
 
-class SmoothQuant(ir.passes.InPlacePass):
+class SmoothQuant(CalibratedPass):
     """Divide each input channel of a MatMul/Gemm's activation by s_j and multiply the weight's
     row j by s_j (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training
     Quantization for Large Language Models", eq. 4): s_j = max|X_j|^alpha / max|W_j|^(1-alpha).
@@ -56,8 +55,7 @@ class SmoothQuant(ir.passes.InPlacePass):
         per_token: bool = False,
         exclude: frozenset[str] = frozenset(),
     ):
-        super().__init__()
-        self.context = context
+        super().__init__(context)
         self.alpha = alpha
         self.alphas = tuple(alphas)
         self.activations = activations
@@ -68,8 +66,6 @@ class SmoothQuant(ir.passes.InPlacePass):
         """alpha used per smoothed activation (after the pass ran)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.context is None:
-            raise ValueError("SmoothQuant needs a calibration Context (qpass.compile supplies one)")
         groups = self._groups(model.graph)
         if not groups:
             return ir.passes.PassResult(model, modified=False)
@@ -80,8 +76,8 @@ class SmoothQuant(ir.passes.InPlacePass):
             x = group[0].inputs[0]
             s = self._factors(group, stats[x.name])
             for node in group:
-                _scale_weight_rows(model.graph, node, s)
-            if not _try_absorb_into_producer(model.graph, x, group, 1.0 / s):
+                scale_weight_rows(model.graph, node, s)
+            if not try_absorb_into_producer(model.graph, x, group, 1.0 / s):
                 _insert_mul(model.graph, x, group, 1.0 / s)
                 muls.append(f"{x.name} -> {', '.join(n.name for n in group)}")
             minmax = stats[x.name].minmax
@@ -100,7 +96,7 @@ class SmoothQuant(ir.passes.InPlacePass):
         """MatMul/Gemm nodes with a constant 2-D weight, grouped by the activation they read."""
         groups: dict[int, list[ir.Node]] = {}
         for node in graph:
-            if node.name in self.exclude or not _has_smoothable_weight(node):
+            if node.name in self.exclude or not has_scalable_weight(node):
                 continue
             groups.setdefault(id(node.inputs[0]), []).append(node)
         return list(groups.values())
@@ -172,75 +168,10 @@ def _fake_quant_per_token(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x / scale), -127, 127) * scale
 
 
-def _has_smoothable_weight(node: ir.Node) -> bool:
-    if is_op(node, "MatMul"):
-        weight = constant(node.inputs[1])
-        return weight is not None and weight.ndim == 2 and _is_float(node.inputs[0])
-    if is_op(node, "Gemm") and not attribute(node, "transA", 0):
-        return constant(node.inputs[1]) is not None and _is_float(node.inputs[0])
-    return False
-
-
-def _is_float(value: ir.Value | None) -> bool:
-    return (
-        value is not None and value.dtype in (ir.DataType.FLOAT, None) and constant(value) is None
-    )
-
-
 def _rows(node: ir.Node) -> np.ndarray:
     """The weight as [input channels, output channels]."""
     weight = constant(node.inputs[1])
     return weight.T if is_op(node, "Gemm") and attribute(node, "transB", 0) else weight
-
-
-def _scale_weight_rows(graph: ir.Graph, node: ir.Node, s: np.ndarray) -> None:
-    weight = constant(node.inputs[1])
-    transposed = is_op(node, "Gemm") and attribute(node, "transB", 0)
-    scaled = weight.astype(np.float64) * (s[None, :] if transposed else s[:, None])
-    node.replace_input_with(1, set_constant(graph, node.inputs[1], scaled.astype(weight.dtype)))
-
-
-def _try_absorb_into_producer(
-    graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.ndarray
-) -> bool:
-    """Fold diag(1/s) into the producer of x; False if x has other readers or no such producer."""
-    readers = {id(n) for n in group}
-    if x.is_graph_output() or any(id(u.node) not in readers for u in x.uses()):
-        return False
-    producer = x.producer()
-    if _is_layernorm_with_constant_affine(producer):
-        for i in (1, 2):
-            if len(producer.inputs) > i and producer.inputs[i] is not None:
-                value = constant(producer.inputs[i]).astype(np.float64)
-                producer.replace_input_with(
-                    i, set_constant(graph, producer.inputs[i], (value * inverse).astype(np.float32))
-                )
-        return True
-    bias = None
-    if is_op(producer, "Add") and constant(producer.inputs[1]) is not None:
-        bias, producer = producer, producer.inputs[0].producer()
-        if len(bias.inputs[0].uses()) != 1 or constant(bias.inputs[1]).shape[-1:] != inverse.shape:
-            return False
-    if not _has_smoothable_weight(producer) or is_op(producer, "Gemm"):
-        return False
-    _scale_weight_columns(graph, producer, inverse)
-    if bias is not None:
-        value = constant(bias.inputs[1])
-        scaled = (value.astype(np.float64) * inverse).astype(value.dtype)
-        bias.replace_input_with(1, set_constant(graph, bias.inputs[1], scaled))
-    return True
-
-
-def _is_layernorm_with_constant_affine(node: ir.Node | None) -> bool:
-    if not is_op(node, "LayerNormalization") or attribute(node, "axis", -1) != -1:
-        return False
-    return all(constant(v) is not None for v in node.inputs[1:] if v is not None)
-
-
-def _scale_weight_columns(graph: ir.Graph, node: ir.Node, factors: np.ndarray) -> None:
-    weight = constant(node.inputs[1])
-    scaled = (weight.astype(np.float64) * factors[None, :]).astype(weight.dtype)
-    node.replace_input_with(1, set_constant(graph, node.inputs[1], scaled))
 
 
 def _insert_mul(graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.ndarray) -> None:

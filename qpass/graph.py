@@ -1,11 +1,18 @@
-"""Small graph helpers shared by the passes."""
+"""Small onnx_ir graph helpers shared by the passes, capture, the linter, the report and the
+plugins."""
 
 from __future__ import annotations
 
+import ast
 import logging
 
 import numpy as np
 import onnx_ir as ir
+
+from qpass.metadata import TORCH_NAME_SCOPES
+
+MS_DOMAIN = "com.microsoft"
+"""ONNX Runtime's contrib-op domain (MatMulNBits, MatMulIntegerToFloat, ...)."""
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
@@ -75,3 +82,15 @@ def raise_opset(model: ir.Model, version: int) -> None:
 
     logging.getLogger(__name__).info("raising the opset from %d to %d", current, version)
     version_converter.convert_version(model, target_version=version)
+
+
+def module_path(node: ir.Node) -> str:
+    """The torch module path of a captured node ("model.layers.0.mlp.up_proj"), or ""."""
+    scopes = node.metadata_props.get(TORCH_NAME_SCOPES)
+    if not scopes:
+        return ""
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return ""
+    return names[-2] if len(names) >= 2 else ""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, initializer, output_channel_axis
+from qpass.graph import attribute, initializer, output_channel_axis
 from qpass.schemes import QuantScheme
 
 FP4_STORAGES = ("float8", "float4")

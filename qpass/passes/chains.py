@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qpass.passes._graph import attribute, constant, initializer, is_op, set_constant, sole_consumer
+from qpass.graph import attribute, constant, initializer, is_op, set_constant, sole_consumer
 
 LAYER_OPS = ("Conv", "Gemm")
 PASS_THROUGH_OPS = ("Relu", "Clip", "Pad", "MaxPool", "Identity")

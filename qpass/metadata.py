@@ -1,0 +1,53 @@
+"""The keys under which qpass leaves facts on a model, for the passes after it and the report.
+
+Three stores, as onnx_ir names them:
+
+- `model.meta`, `node.meta`, `value.meta`: in memory only, never written to the file.
+- `model.metadata_props`, `node.metadata_props`, `value.metadata_props`: saved in the ONNX file.
+
+Each key below says which store it goes to and what its value is.
+"""
+
+from __future__ import annotations
+
+OBSERVED_RANGE = "qpass.observed_range"
+"""`value.meta`: (min, max) of the value over the calibration data, left by a pass that already
+measured it (SmoothQuant); a min-max calibration then needs no run of its own."""
+
+BN_STATISTICS = "qpass.batchnorm"
+"""`node.meta` of a layer that absorbed a BatchNormalization: {"gamma", "beta"} per channel,
+the pre-activation distribution that high-bias absorption (Nagel et al. 2019, §4.1) relies on."""
+
+RELU6_REPLACED = "qpass.relu6_replaced"
+"""`model.meta` list (and comma-separated `model.metadata_props` entry) of the Clip(0, max)
+nodes that EqualizeCrossLayer(allow_relu6=True) replaced by Relu."""
+
+SMOOTHQUANT_MULS = "qpass.smoothquant_muls"
+"""`model.meta` list of the activations that got an explicit Mul(1/s) because no producer could
+absorb SmoothQuant's smoothing factors (one line per activation)."""
+
+LEADING_FLOAT = "qpass.leading_float"
+"""`model.meta`: the names of the layers KeepLeadingLayersFloat left in float, in graph order."""
+
+SENSITIVITY = "qpass.sensitivity"
+"""`model.meta` list of (node name, output SQNR dB with only that layer quantized, kept float),
+most sensitive first (KeepSensitiveFloat)."""
+
+UNFUSED = "qpass.unfused"
+"""`model.meta` list of the quantized ops ONNX Runtime will not fuse into integer kernels, one
+line each ("OpType name: why"; LowerForOnnxRuntime)."""
+
+QUANTIZES = "qpass.quantizes"
+"""`node.metadata_props` of each activation DequantizeLinear: the float tensor it stands for."""
+
+PLUGIN_K = "qpass.K"
+"""`node.metadata_props` of an INT4 GEMM plugin node: the weight's input channels K (the packed
+weight holds K rounded up to whole blocks)."""
+
+TORCH_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+"""`node.metadata_props` written by torch's dynamo exporter (read, never written, by qpass): the
+node's module path as a Python list literal, e.g. "['', 'model.layers.0.mlp', ...]"."""
+
+KEEP_FLOAT = "qpass.keep_float"
+"""`node.meta` of a node a pass decided to leave in float: why (`qpass.passes.base.keep_float`);
+every quantizing pass after it skips the node."""
