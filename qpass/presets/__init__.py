@@ -72,7 +72,7 @@ class Preset:
     help: str
     build: Callable[..., list[ir.passes.PassBase]]
     options: tuple[Option, ...] = ()
-    targets: tuple[str, ...] = ("onnxruntime",)
+    targets: tuple[str, ...] = ("onnxruntime",)  # target families (`Target.family`)
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
@@ -85,8 +85,8 @@ class Preset:
     ) -> list[ir.passes.PassBase]:
         """The pipeline for `target`, every option checked and defaulted."""
         target = targets.get(target)
-        if target.name not in self.targets:
-            serving = [p.name for p in all_presets() if target.name in p.targets]
+        if target.family not in self.targets:
+            serving = [p.name for p in all_presets() if target.family in p.targets]
             raise QpassError(
                 f"preset {self.name!r} is for {', '.join(self.targets)}, not {target.name}; "
                 f"presets for {target.name}: {', '.join(serving)}"
@@ -111,7 +111,8 @@ class Preset:
             raise QpassError(f"preset {self.name!r}: {e}") from e
 
 
-_PRESETS: dict[str, Preset] = {}
+REGISTRY: dict[str, Preset] = {}
+"""Preset name -> preset, filled by the modules of this package as they are imported."""
 _discovered = False
 
 
@@ -124,7 +125,7 @@ def preset(
     """Register the decorated `build(target, exclude, **options)` as preset `name`."""
 
     def register(build: Callable[..., list[ir.passes.PassBase]]) -> Callable:
-        _PRESETS[name] = Preset(name, help, build, tuple(options), tuple(targets))
+        REGISTRY[name] = Preset(name, help, build, tuple(options), tuple(targets))
         return build
 
     return register
@@ -138,17 +139,24 @@ def _discover() -> None:
         _discovered = True
 
 
+def rediscover() -> None:
+    """Import modules added to this package's path since the last lookup."""
+    global _discovered
+    _discovered = False
+    _discover()
+
+
 def all_presets() -> list[Preset]:
     _discover()
-    return list(_PRESETS.values())
+    return list(REGISTRY.values())
 
 
 def get(name: str) -> Preset:
     """The registered preset; a QpassError naming the choices if there is none."""
     _discover()
-    if name not in _PRESETS:
-        raise QpassError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
-    return _PRESETS[name]
+    if name not in REGISTRY:
+        raise QpassError(f"unknown preset {name!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def passes(name: str, target: str = "onnxruntime", exclude=frozenset(), **options):

@@ -24,6 +24,8 @@ class Target:
 
     name: str = ""
     title: str = ""  # as written in messages, e.g. "TensorRT"
+    family: str = ""  # the presets' name for the form it takes (default: its name); a target
+    # that reuses another's lowering by subclassing it inherits that target's family
     help: str = ""
     default_preset: str = "int8"
 
@@ -48,17 +50,21 @@ class Target:
         """Turn a saved compiled model into what this target runs (a session, an engine)."""
         raise NotImplementedError(f"target {self.name} has no deployment step")
 
+    def __init__(self) -> None:
+        self.family = self.family or self.name
+
     def __repr__(self) -> str:
         return f"Target({self.name})"
 
 
-_TARGETS: dict[str, Target] = {}
+REGISTRY: dict[str, Target] = {}
+"""Target name -> target, filled by the modules of this package as they are imported."""
 _discovered = False
 
 
 def register(target: Target) -> Target:
     """Add `target` to the registry (called by each target module at import)."""
-    _TARGETS[target.name] = target
+    REGISTRY[target.name] = target
     return target
 
 
@@ -80,7 +86,7 @@ def rediscover() -> None:
 
 def names() -> tuple[str, ...]:
     _discover()
-    return tuple(_TARGETS)
+    return tuple(REGISTRY)
 
 
 def get(target: str | Target) -> Target:
@@ -88,6 +94,6 @@ def get(target: str | Target) -> Target:
     if isinstance(target, Target):
         return target
     _discover()
-    if target not in _TARGETS:
+    if target not in REGISTRY:
         raise QpassError(f"target {target!r} is not supported; choose one of {names()}")
-    return _TARGETS[target]
+    return REGISTRY[target]

@@ -15,7 +15,7 @@ class OnnxRuntime(Target):
     pairs fused, FP8 pairs placed where ORT 1.32's fusions keep their numbers. No legality check:
     ORT runs every Q/DQ graph, fused or simulated."""
 
-    name = "onnxruntime"
+    name = family = "onnxruntime"
     title = "ONNX Runtime"
     help = "ONNX Runtime, CPU (default): fused QLinear kernels"
     default_preset = "int8"

@@ -17,7 +17,7 @@ class TensorRT(Target):
     """S8 symmetric activations and weights (TensorRT is symmetric only), Q/DQ moved where
     TensorRT fuses them; the compiled graph must pass the TensorRT linter."""
 
-    name = "tensorrt"
+    name = family = "tensorrt"
     title = "TensorRT"
     help = "TensorRT, GPU: symmetric Q/DQ, linted (engine build untested here)"
     default_preset = "int8"
