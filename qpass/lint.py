@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.graph import attribute, constant, is_op, output_channel_axis
-from qpass.passes.lower_tensorrt import (
+from qpass.passes.tensorrt_rules import (
     WEIGHTED_OPS,
     epilogue_input,
     feeds_int8,

@@ -65,7 +65,7 @@ def test_group_error_is_at_most_rtn_and_the_output_error_is_lower(captured_llama
         for name, x in outputs.items():
             if not stats[name].rows:
                 stats[name] = InputStatistics(x.shape[-1])
-            stats[name].add_batch(x)
+            stats[name].update(x)
     ratios = []
     for name in names:
         h = stats[name].hessian

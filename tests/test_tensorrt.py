@@ -21,7 +21,7 @@ from qpass import presets
 from qpass.cli import main
 from qpass.lint import RULES, errors, lint_tensorrt
 from qpass.passes import LowerForTensorRT
-from qpass.passes.lower_tensorrt import is_quantized_weighted
+from qpass.passes.tensorrt_rules import is_quantized_weighted
 
 SHAPE = [1, 4, 8, 8]
 

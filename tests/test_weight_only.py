@@ -197,7 +197,7 @@ def test_gptq_layer_error_is_at_most_rtn(seed, act_order, normalize_tokens):
     w = rng.normal(0, 1, (k, n)).astype(np.float32)
     solver = GPTQSolver(k, normalize_tokens=normalize_tokens)
     for part in np.array_split(x, 4):
-        solver.add_batch(part)
+        solver.update(part)
     x = token_rows(x, normalize_tokens)
     for scheme in SCHEMES:
         g = scheme.group_size
@@ -222,7 +222,7 @@ def test_normalized_tokens_keep_a_massive_token_from_deciding_the_weights(seed):
     errors = {}
     for normalize in (False, True):
         solver = GPTQSolver(k, normalize_tokens=normalize)
-        solver.add_batch(x)
+        solver.update(x)
         w_hat = dequantize(*solver.quantize(w, scheme), 128)
         ordinary = layer_error(x[:-1], w, w_hat) / layer_error(x[:-1], w, 0 * w)
         massive = layer_error(x[-1:], w, w_hat) / layer_error(x[-1:], w, 0 * w)
@@ -246,7 +246,7 @@ def test_act_order_wins_where_a_few_input_channels_carry_massive_activations(see
     x[:, rng.choice(k, 4, replace=False)] *= 30
     w = rng.normal(0, 1, (k, n)).astype(np.float32)
     solver = GPTQSolver(k)
-    solver.add_batch(x)
+    solver.update(x)
     scheme = QuantScheme("uint4", group_size=128)
     error = {
         order: layer_error(x, w, dequantize(*solver.quantize(w, scheme, act_order=order), 128))
@@ -264,7 +264,7 @@ def test_gptq_without_input_correlation_and_with_dead_inputs_is_still_valid():
     x[:, :5] = 0
     w = rng.normal(size=(64, 16)).astype(np.float32)
     solver = GPTQSolver(64)
-    solver.add_batch(x)
+    solver.update(x)
     scheme = QuantScheme("uint4", group_size=32)
     q, s, z = solver.quantize(w, scheme)
     assert q.dtype == scheme.np_dtype and s.shape == (2, 16)
@@ -507,7 +507,7 @@ def test_gptq_beats_rtn_on_real_smollm2_layers():
         x = inputs[name].reshape(-1, inputs[name].shape[-1]).numpy()
         w = model.get_submodule(name).weight.detach().numpy().T.copy()  # [K, N]
         solver = GPTQSolver(x.shape[1])
-        solver.add_batch(x)
+        solver.update(x)
         for g in (128, 64):
             scheme = QuantScheme("uint4", group_size=g)
             gptq = layer_error(x, w, dequantize(*solver.quantize(w, scheme), g))
@@ -558,7 +558,7 @@ def test_staged_calibration_sees_what_a_full_run_of_the_quantized_graph_sees(
         full = {name: GPTQSolver(staged[name].xtx.shape[0]) for name in names}
         for outputs in context.run(model, names, only=True):
             for name, x in outputs.items():
-                full[name].add_batch(x)
+                full[name].update(x)
         for name in names:
             assert staged[name].rows == full[name].rows == 6 * 12
             np.testing.assert_allclose(staged[name].xtx, full[name].xtx, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,15 @@ from qpass.calibration.data import CalibrationData
 from qpass.calibration.observers import (
     HistogramObserver,
     MinMaxObserver,
+    Observer,
     make_observer,
 )
 
 __all__ = [
-    "CalibrationData", "Context", "HistogramObserver", "MinMaxObserver", "make_observer"]
+    "CalibrationData",
+    "Context",
+    "HistogramObserver",
+    "MinMaxObserver",
+    "Observer",
+    "make_observer",
+]

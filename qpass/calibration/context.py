@@ -11,6 +11,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qpass.calibration.data import CalibrationData, CalibrationSource
+from qpass.calibration.observers import Observer
 from qpass.runtime import onnxruntime as ort_runtime
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Context:
         self,
         model: ir.Model,
         values: Iterable[str],
-        make_observer: Callable[[str], object],
+        make_observer: Callable[[str], Observer],
         description: str = "calibrating",
     ) -> dict:
         """Run the model on the calibration set; return {value name: observer fed every batch}."""

@@ -16,10 +16,20 @@ one of four methods:
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import numpy as np
 
 from qpass.schemes import QuantScheme
+
+
+class Observer(Protocol):
+    """What the Context and staged calibration feed: every batch of one tensor, in order.
+
+    Range observers (below), SmoothQuant's channel statistics and GPTQ's/AWQ's token statistics
+    all follow it; an observer keeps running statistics, never the batches themselves."""
+
+    def update(self, x: np.ndarray) -> object: ...
 
 
 class MinMaxObserver:

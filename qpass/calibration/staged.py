@@ -4,11 +4,14 @@ stage (`qpass.passes.staged.StagedWeightPass`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from qpass.calibration.observers import Observer
 from qpass.graph import constant
 from qpass.runtime import onnxruntime as ort_runtime
 
@@ -29,7 +32,13 @@ class StagedCalibration:
         self.context = context
         self.frontier: list[dict[str, np.ndarray]] | None = None  # per calibration batch
 
-    def statistics(self, model: ir.Model, stage: list[ir.Node], make, description: str) -> dict:
+    def statistics(
+        self,
+        model: ir.Model,
+        stage: list[ir.Node],
+        make: Callable[[int], Observer],
+        description: str,
+    ) -> dict:
         """{input name: make(K)} fed every calibration batch of the stage's MatMul inputs."""
         names = list(dict.fromkeys(node.inputs[0].name for node in stage))
         nodes = list(model.graph)
@@ -45,7 +54,7 @@ class StagedCalibration:
         for feed in tqdm(feeds, desc=description, unit="batch", disable=not show, leave=False):
             arrays = dict(zip(wanted, session.run(wanted, feed), strict=True))
             for name in names:
-                stats.setdefault(name, make(arrays[name].shape[-1])).add_batch(arrays[name])
+                stats.setdefault(name, make(arrays[name].shape[-1])).update(arrays[name])
             kept.append({name: arrays[name] for name in crossing})
         self.frontier = kept
         return stats

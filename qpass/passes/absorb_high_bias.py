@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from qpass.graph import constant, is_op
 from qpass.metadata import BN_STATISTICS
+from qpass.passes.base import Pass
 from qpass.passes.chains import (
     Pair,
     bias_of,
@@ -24,7 +25,7 @@ STD_RANGE = 3.0
 """The pre-activation is assumed to lie within beta ± 3 |gamma| (its BatchNorm statistics)."""
 
 
-class AbsorbHighBias(ir.passes.InPlacePass):
+class AbsorbHighBias(Pass):
     """Shrink the activation range after a layer by moving bias through a Relu into the next one.
 
     After cross-layer equalization, some channels carry large biases, and so wide activation

@@ -36,8 +36,8 @@ class InputStatistics(TokenStatistics):
         super().__init__(columns, normalize_tokens)
         self.abs_sum = np.zeros(columns)
 
-    def add_batch(self, x: np.ndarray) -> np.ndarray:
-        x = super().add_batch(x)
+    def update(self, x: np.ndarray) -> np.ndarray:
+        x = super().update(x)
         self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
         return x
 

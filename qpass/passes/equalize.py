@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from qpass.graph import constant
 from qpass.metadata import BN_STATISTICS, RELU6_REPLACED
+from qpass.passes.base import Pass
 from qpass.passes.chains import (
     Pair,
     bias_of,
@@ -24,7 +25,7 @@ from qpass.passes.chains import (
 
 logger = logging.getLogger(__name__)
 
-class EqualizeCrossLayer(ir.passes.InPlacePass):
+class EqualizeCrossLayer(Pass):
     """Rescale channels between consecutive layers so both have the same per-channel weight range.
 
     Per-tensor weight quantization fails when one channel's weights are much larger than

@@ -9,10 +9,11 @@ import onnx_ir as ir
 
 from qpass.graph import attribute, constant, initializer, is_op, set_constant, sole_consumer
 from qpass.metadata import BN_STATISTICS
+from qpass.passes.base import Pass
 
 logger = logging.getLogger(__name__)
 
-class FoldBatchNorm(ir.passes.InPlacePass):
+class FoldBatchNorm(Pass):
     """Fold BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul that feeds it.
 
     With a = gamma / sqrt(var + eps) and b = beta - a * mean, the rewrite rules are:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qpass.graph import constant
+from qpass.passes.base import Pass
 
 
-class FoldConstants(ir.passes.InPlacePass):
+class FoldConstants(Pass):
     """Replace nodes whose inputs are all constants by their values, then drop dead nodes.
 
     Rewrite rules (delegated to `onnxscript.optimizer.fold_constants`):

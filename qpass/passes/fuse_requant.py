@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.graph import attribute, constant, is_op, sole_consumer
+from qpass.passes.base import Pass
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ which every asymmetric range here holds exactly), so quantization commutes with 
 _RELATIVE_TOLERANCE = 1e-5
 
 
-class FuseRequant(ir.passes.InPlacePass):
+class FuseRequant(Pass):
     """Remove requantization work from a QDQ graph.
 
     Rules 1-3 leave the computed values bit-identical; rule 4 replaces two roundings by one.

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class GPTQSolver(TokenStatistics):
-    """GPTQ for one layer input: H = 2/n Σ x xᵀ streamed by `add_batch`, then `quantize`.
+    """GPTQ for one layer input: H = 2/n Σ x xᵀ streamed by `update`, then `quantize`.
 
     Works on Wᵀ [N, K] like the paper (rows = output channels, columns = input channels): the
     columns are quantized one at a time, and the error of column i, divided by [H⁻¹]ᵢᵢ, is

@@ -74,7 +74,7 @@ class TokenStatistics:
         self.rows = 0
         self.normalize_tokens = normalize_tokens
 
-    def add_batch(self, x: np.ndarray) -> np.ndarray:
+    def update(self, x: np.ndarray) -> np.ndarray:
         """Accumulate one batch; return its rows as they entered the statistics."""
         x = token_rows(x, self.normalize_tokens)
         self.xtx += (x.T @ x).astype(np.float64)

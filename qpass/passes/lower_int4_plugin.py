@@ -10,6 +10,7 @@ import onnx_ir as ir
 from qpass.graph import attribute, constant, initializer, is_op
 from qpass.metadata import PLUGIN_K
 from qpass.packing import pack_4bit, packable_group
+from qpass.passes.base import Pass
 from qpass.passes.groupwise import quantize_rtn
 from qpass.passes.matmul_weights import is_packable_weight
 from qpass.plugin_spec import DOMAIN, DOMAIN_VERSION, ir_node
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_INT4_G128 = QuantScheme(dtype="int4", symmetric=True, group_size=128)
 
 
-class LowerToInt4Plugin(ir.passes.InPlacePass):
+class LowerToInt4Plugin(Pass):
     """Replace weight-only 4-bit MatMuls, and 1x1 convolutions, by the `qpass::Int4GroupGemm`
     TensorRT plugin node (node form in `qpass.plugin_spec`; kernel in `qpass.plugins.int4_gemm`).
 

@@ -8,11 +8,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.graph import MS_DOMAIN, attribute, constant, initializer, is_op, sole_consumer
+from qpass.passes.base import Pass
 
 logger = logging.getLogger(__name__)
 
 
-class LowerIntegerMatMul(ir.passes.InPlacePass):
+class LowerIntegerMatMul(Pass):
     """Turn integer MatMuls with float rescaling into ONNX Runtime's fused CPU kernel.
 
     Rewrite rules:

@@ -9,12 +9,13 @@ import onnx_ir as ir
 
 from qpass.graph import MS_DOMAIN, attribute, constant, initializer
 from qpass.packing import pack_matmulnbits, pack_matmulnbits_8bit
+from qpass.passes.base import Pass
 from qpass.passes.matmul_weights import EIGHT_BIT, FOUR_BIT, is_packable_weight
 
 logger = logging.getLogger(__name__)
 
 
-class LowerToMatMulNBits(ir.passes.InPlacePass):
+class LowerToMatMulNBits(Pass):
     """Replace weight-only 4-bit (and 8-bit) MatMuls by `com.microsoft.MatMulNBits` (ONNX
     Runtime contrib op).
 

@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from qpass.graph import constant, initializer, is_op
 from qpass.metadata import UNFUSED
+from qpass.passes.base import Pass
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ FUSED_KERNELS = {
 _OUTPUT_OPTIONAL = ("Gemm", "MatMul")
 
 
-class LowerForOnnxRuntime(ir.passes.InPlacePass):
+class LowerForOnnxRuntime(Pass):
     """Make every quantized op match one of ONNX Runtime's QDQ fusion patterns (CPU provider).
 
     Rewrite rules:

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from qpass.errors import ModelError
 from qpass.graph import constant, initializer, is_op
-from qpass.passes.base import is_kept_float
+from qpass.passes.base import Pass, is_kept_float
 from qpass.schemes import WEIGHT_INT8, QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ ACTIVATION_ZERO_POINT = 128
 u8 activations with s8 weights."""
 
 
-class QuantizeDynamicPerToken(ir.passes.InPlacePass):
+class QuantizeDynamicPerToken(Pass):
     """W8A8 with activations quantized per token at run time (no calibration data needed).
 
     Rewrite rules, for each MatMul with a float activation and a constant 2-D weight W [K, N],

@@ -7,6 +7,7 @@ import logging
 import onnx_ir as ir
 
 from qpass.graph import constant
+from qpass.passes.base import Pass
 from qpass.passes.groupwise import quantize_rtn
 from qpass.passes.matmul_weights import (
     ensure_weight_opset,
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_UINT4_G128 = QuantScheme(dtype="uint4", group_size=128)
 
 
-class RoundToNearest(ir.passes.InPlacePass):
+class RoundToNearest(Pass):
     """Quantize MatMul weights to 4 bits, one scale per group of input channels (weight-only).
 
     Rewrite rules, for each MatMul with a constant float weight W [K, N] that is not excluded:
