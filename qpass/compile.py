@@ -25,12 +25,20 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 class CompiledModel:
-    """A compiled model: the IR, a file writer, an ONNX Runtime session and a report."""
+    """A compiled model: the IR, a file writer, an ONNX Runtime session (the numerics of every
+    target's graph are checked in ONNX Runtime), the target's deployment step and a report."""
 
-    def __init__(self, model: ir.Model, float_model: bytes | None, context: Context | None):
+    def __init__(
+        self,
+        model: ir.Model,
+        float_model: bytes | None,
+        context: Context | None,
+        target: targets.Target | None = None,
+    ):
         self.model = model
         self.float_model = float_model
         self.context = context
+        self.target = target or targets.get("onnxruntime")
         self.findings: list = []  # the target's check: its warnings (e.g. qpass.lint's)
         self._session = None
 
@@ -58,6 +66,11 @@ class CompiledModel:
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session().run(None, feed)
+
+    def deploy(self, path: str | os.PathLike, out: str | os.PathLike | None = None, **options):
+        """Save the model to `path`, then hand it to the target's deployment step: an ONNX
+        Runtime session, or a TensorRT engine written to `out` (`Target.deploy`)."""
+        return self.target.deploy(self.save(path), out, **options)
 
     def report(self):
         """Per-layer SQNR against the float model on the calibration data (see `qpass.report`)."""
@@ -129,7 +142,7 @@ def compile(
         p.context = context
     _run(passes, model)
     RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
-    compiled = CompiledModel(model, float_model, context)
+    compiled = CompiledModel(model, float_model, context, target)
     compiled.findings = _check(target, model)
     return compiled
 

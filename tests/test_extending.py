@@ -3,6 +3,7 @@ that hold them together (option checks, calibration precondition, failures namin
 
 from __future__ import annotations
 
+import importlib.util
 import textwrap
 
 import numpy as np
@@ -176,3 +177,15 @@ def test_a_failing_pass_is_named_with_the_passes_before_it(tiny_calibration):
     passes = [*presets.passes("int8")[:2], _Broken()]
     with pytest.raises(ir.passes.PassError, match=r"'_Broken' pass after.*FoldConstants"):
         qpass.compile(tiny_cnn(), passes, calibration=tiny_calibration, progress=False)
+
+
+def test_each_target_deploys_a_saved_model(tmp_path, tiny_calibration):
+    x = tiny_calibration["input"][:4]
+    compiled = qpass.compile(tiny_cnn(), calibration=tiny_calibration, progress=False)
+    session = compiled.deploy(tmp_path / "ort.onnx")
+    np.testing.assert_array_equal(session.run(None, {"input": x})[0], compiled.run({"input": x})[0])
+    trt = qpass.compile(tiny_cnn(), calibration=tiny_calibration, progress=False, target="tensorrt")
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(qpass.QpassError, match="pip install tensorrt"):
+            trt.deploy(tmp_path / "trt.onnx", tmp_path / "trt.engine")
+    assert (tmp_path / "trt.onnx").exists()
