@@ -150,6 +150,8 @@ def compile(
 def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
     """Run the pipeline through onnx-ir's `Sequential`: an unexpected failure names the pass and
     the passes before it; qpass's own errors (bad input) pass through as they are."""
+    if not passes:
+        return
     try:
         ir.passes.Sequential(*passes)(model)
     except ir.passes.PassError as e:

@@ -82,10 +82,11 @@ def _add_module(monkeypatch, tmp_path, package, name: str, source: str) -> None:
     folder = tmp_path / package.__name__
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.py").write_text(textwrap.dedent(source))
-    package.rediscover()  # the built-in registrations, before the registry is copied
+    registry = package.REGISTRY
+    registry.discover()  # the built-in registrations, before the entries are copied
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
-    monkeypatch.setattr(package, "REGISTRY", dict(package.REGISTRY))  # restored after the test
-    package.rediscover()
+    monkeypatch.setattr(registry, "entries", dict(registry.entries))  # restored after the test
+    registry.discover(again=True)
 
 
 def _matmul_model() -> onnx.ModelProto:

@@ -13,8 +13,6 @@ TensorRT.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ import onnx_ir as ir
 from qpass import targets
 from qpass.errors import QpassError
 from qpass.passes import FoldConstants, FoldPadIntoConv
+from qpass.registry import Registry
 from qpass.schemes import RANGE_METHODS
 
 
@@ -111,9 +110,7 @@ class Preset:
             raise QpassError(f"preset {self.name!r}: {e}") from e
 
 
-REGISTRY: dict[str, Preset] = {}
-"""Preset name -> preset, filled by the modules of this package as they are imported."""
-_discovered = False
+REGISTRY = Registry(__name__, "preset")
 
 
 def preset(
@@ -125,38 +122,19 @@ def preset(
     """Register the decorated `build(target, exclude, **options)` as preset `name`."""
 
     def register(build: Callable[..., list[ir.passes.PassBase]]) -> Callable:
-        REGISTRY[name] = Preset(name, help, build, tuple(options), tuple(targets))
+        REGISTRY.add(name, Preset(name, help, build, tuple(options), tuple(targets)))
         return build
 
     return register
 
 
-def _discover() -> None:
-    global _discovered
-    if not _discovered:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-        _discovered = True
-
-
-def rediscover() -> None:
-    """Import modules added to this package's path since the last lookup."""
-    global _discovered
-    _discovered = False
-    _discover()
-
-
 def all_presets() -> list[Preset]:
-    _discover()
-    return list(REGISTRY.values())
+    return REGISTRY.values()
 
 
 def get(name: str) -> Preset:
     """The registered preset; a QpassError naming the choices if there is none."""
-    _discover()
-    if name not in REGISTRY:
-        raise QpassError(f"unknown preset {name!r}; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def passes(name: str, target: str = "onnxruntime", exclude=frozenset(), **options):

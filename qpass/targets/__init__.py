@@ -9,13 +9,11 @@ here and never compare target names.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 import onnx_ir as ir
 
-from qpass.errors import QpassError
+from qpass.registry import Registry
 from qpass.schemes import QuantScheme
 
 
@@ -57,43 +55,18 @@ class Target:
         return f"Target({self.name})"
 
 
-REGISTRY: dict[str, Target] = {}
-"""Target name -> target, filled by the modules of this package as they are imported."""
-_discovered = False
+REGISTRY = Registry(__name__, "target")
 
 
 def register(target: Target) -> Target:
     """Add `target` to the registry (called by each target module at import)."""
-    REGISTRY[target.name] = target
-    return target
-
-
-def _discover() -> None:
-    """Import every module of this package once: each registers its target."""
-    global _discovered
-    if not _discovered:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-        _discovered = True
-
-
-def rediscover() -> None:
-    """Import modules added to this package's path since the last lookup."""
-    global _discovered
-    _discovered = False
-    _discover()
+    return REGISTRY.add(target.name, target)
 
 
 def names() -> tuple[str, ...]:
-    _discover()
-    return tuple(REGISTRY)
+    return REGISTRY.names()
 
 
 def get(target: str | Target) -> Target:
     """The registered target of that name; a `QpassError` naming the choices if there is none."""
-    if isinstance(target, Target):
-        return target
-    _discover()
-    if target not in REGISTRY:
-        raise QpassError(f"target {target!r} is not supported; choose one of {names()}")
-    return REGISTRY[target]
+    return target if isinstance(target, Target) else REGISTRY.get(target)
