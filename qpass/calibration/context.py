@@ -23,10 +23,8 @@ class Context:
     `observe` adds the requested values as extra graph outputs of a copy of the model, runs it batch
     by batch in ONNX Runtime and feeds each batch to one observer per value, so memory is bounded by
     one batch of activations and the observers' running statistics. After the first run, batches
-    are cut so that one run fetches at most `fetch_bytes` (when the batch axis is dynamic). Peak
-    RSS grows with the rows one run takes, by more than the bytes fetched (ResNet20, 1.1 MB of
-    activations per row: int8 compile peak 127 MB with runs of a whole batch of 8, 109 MB with
-    runs of 7 rows under 8 MB, 102 MB with 2).
+    are cut so that one run fetches at most `fetch_bytes` (when the batch axis is dynamic): peak
+    RSS grows with the rows one run takes (measured in docs/benchmarks.md).
     """
 
     fetch_bytes = 8 << 20

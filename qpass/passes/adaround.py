@@ -48,17 +48,14 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
        reconstruction with the activation), and beta annealed from 20 to 2 after a warm-up
        without the regularizer. The result is h = [V >= 0]. The paper's objective is
        E + lambda * sum, lambda = 0.01, over 10k steps; in the few hundred steps run here that
-       leaves most h undecided between 0 and 1 on large layers (EfficientNet-Lite0's first
-       depthwise layer: error 25.5 against 26.2 for round to nearest), so the error is taken
-       relative to round to nearest and the regularizer averaged: one lambda (16) then fits
-       layers of any size and scale (the same layer: 4.2), with Adam's step 0.05.
+       leaves most h undecided between 0 and 1 on large layers, so the error is taken relative
+       to round to nearest and the regularizer averaged: one lambda (16) then fits layers of
+       any size and scale, with Adam's step 0.05 (docs/methods/data-free.md).
     2. Scale, zero point, axis and the int32 bias are untouched: only the integer each weight
        rounds to changes, so the bias scale (activation scale x weight scale) stays right.
     3. A layer whose learned rounding reconstructs its calibration rows worse than round to
        nearest keeps round to nearest: on all its rows, or, with `held_out` > 0, on that
-       fraction of them kept out of the learning (off by default: on EfficientNet-Lite0 W4A8,
-       holding out a fifth of the rows gave 82.00 top-1, none 82.11, with the paper's
-       absolute objective).
+       fraction of them kept out of the learning (off by default; docs/methods/data-free.md).
 
     Memory is bounded by one layer's sampled rows: at most `rows` input patches (Conv) or rows
     (Gemm/MatMul), and at most `row_bytes` of them, spread evenly over the calibration samples

@@ -56,8 +56,7 @@ class BlockAdaRound(AdaRound):
     Memory: a block's input and float output are kept for as many calibration samples as
     `row_bytes` holds (spread evenly over the set); a step takes as many samples as 128M
     multiply-adds of the block allow. Torch uses all cores by default (`threads`): a step is
-    large enough to gain from them (EfficientNet-Lite0 on 2 cores: 1.8x faster per step than
-    one thread). `self.results` has each layer's block result.
+    large enough to gain from them. `self.results` has each layer's block result.
     """
 
     def __init__(self, context=None, *, block_layers: int = 4, threads: int | None = None,

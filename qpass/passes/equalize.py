@@ -49,8 +49,8 @@ class EqualizeCrossLayer(Pass):
     4. A Clip(0, max) (ReLU6) between the layers is not scale-equivariant: the pair is left
        alone, unless `allow_relu6=True`, which replaces the Clip by Relu (as the paper does for
        MobileNetV2), logs a warning and lists the Clip in `RELU6_REPLACED`. The float function
-       then changes wherever the pre-activation exceeded max: EfficientNet-Lite0 falls from
-       87.2% to 61% top-1 on the ImageNet sample, so this is off by default.
+       then changes wherever the pre-activation exceeded max (on EfficientNet-Lite0 it costs
+       most of the top-1: docs/methods/data-free.md), so this is off by default.
     """
 
     def __init__(self, *, allow_relu6: bool = False, tolerance: float = 1e-3, max_sweeps: int = 20):

@@ -19,7 +19,7 @@ class FoldConstants(Pass):
     2. Nodes that no longer feed any output are removed.
 
     onnxscript is imported only when rule 1 can fire: graphs exported with the optimizer on have
-    nothing to fold, and importing it costs about 0.5 s and 30 MB.
+    nothing to fold, and the import has a cost (docs/methods/int8.md).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

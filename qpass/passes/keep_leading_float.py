@@ -32,9 +32,8 @@ class KeepLeadingLayersFloat(Pass):
     in FP16/FP32. Why the first layers: a layer's quantization noise is amplified by every layer
     after it; keeping the first layer (or the stem) in higher precision is the usual remedy (Wu et
     al. 2020, "Integer Quantization for Deep Learning Inference", §6; Nagel et al. 2021, "A White
-    Paper on Neural Network Quantization", §4.4 debugging). Measured on EfficientNet-Lite0 with
-    FP8 E4M3: with one layer quantized at a time, the six layers of the stem and the first two
-    blocks give the six lowest model-output SQNRs (12.6-23 dB, median of all layers 34 dB).
+    Paper on Neural Network Quantization", §4.4 debugging); on EfficientNet-Lite0 with FP8 the
+    stem and the first blocks are the most sensitive layers (docs/methods/fp8.md).
     """
 
     def __init__(self, count: int):

@@ -22,11 +22,10 @@ class QuantizeLMHead(RoundToNearest):
        nearest per group of g input channels as in `RoundToNearest`.
 
     Why: in a weight-only 4-bit decoder the final projection is the largest weight left in
-    float. SmolLM2-135M's is 576 x 49152: 113 MB of the 180 MB 4-bit model, all read by every
-    1-token forward; at 8 bits it is 28 MB and the perplexity stays within 0.03 of a float
-    lm_head's, while at 4 bits it rises by 8 (`benchmarks/llm.py`). `LowerToMatMulNBits` runs
-    the 8-bit form with int8 activations (accuracy level 4): ONNX Runtime's 8-bit kernel at
-    level 0 is slower than float.
+    float, read whole by every 1-token forward; at 8 bits it costs a quarter of the bytes and
+    almost no perplexity, where 4 bits cost much more (docs/methods/weight-only.md).
+    `LowerToMatMulNBits` runs the 8-bit form with int8 activations (accuracy level 4): ONNX
+    Runtime's 8-bit kernel at level 0 is slower than float.
     """
 
     def __init__(self, weights: QuantScheme = LM_HEAD_UINT8_G128):

@@ -28,9 +28,8 @@ class StagedWeightPass(CalibratedPass):
     x_t / ||x_t|| (`token_rows`), so the layer error they measure counts every token's output
     error relative to its magnitude, as the RMSNorm after the residual add will. Without it, a
     few tokens with massive activations (Sun et al. 2024, "Massive Activations in Large Language
-    Models": the first token of every window in SmolLM2 carries 99.8% of Σ||x||² at block 11's
-    down_proj, 3 x 10⁵ times the median token) make E[xxᵀ] nearly rank one, and the weights are
-    fitted to those tokens alone.
+    Models"; SmolLM2's are measured in docs/methods/weight-only.md) make E[xxᵀ] nearly rank one,
+    and the weights are fitted to those tokens alone.
     """
 
     label = "weight quantization"
