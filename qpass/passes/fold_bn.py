@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from qpass.graph import attribute, constant, initializer, is_op, set_constant, sole_consumer
 from qpass.metadata import BN_STATISTICS
-from qpass.passes.base import Pass
+from qpass.passes.base import Pass, refuse
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +63,25 @@ class FoldBatchNorm(Pass):
 
     def _is_foldable(self, layer: ir.Node | None, bn: ir.Node) -> bool:
         if not is_op(layer, "Conv", "ConvTranspose", "Gemm", "MatMul"):
-            return False
+            return refuse(self, bn, "its input is not a Conv, ConvTranspose, Gemm or MatMul")
         if sole_consumer(layer.outputs[0]) is not bn or attribute(bn, "training_mode", 0):
-            return False
+            return refuse(self, bn, "the layer has other readers, or BN is in training mode")
         if any(constant(v) is None for v in bn.inputs[1:5]) or len(bn.outputs) != 1:
-            return False
+            return refuse(self, bn, "its statistics are computed, or it has several outputs")
         if constant(layer.inputs[1]) is None:
-            return False
+            return refuse(self, bn, "the layer's weight is computed")
         if (
             len(layer.inputs) > 2
             and layer.inputs[2] is not None
             and constant(layer.inputs[2]) is None
         ):
-            return False
+            return refuse(self, bn, "the layer's bias is computed")
         if layer.op_type == "Gemm" and attribute(layer, "beta", 1.0) == 0.0:
-            return False
+            return refuse(self, bn, "the Gemm ignores its bias (beta 0)")
         if layer.op_type == "MatMul":
             shape = layer.outputs[0].shape
-            return constant(layer.inputs[1]).ndim == 2 and shape is not None and len(shape) == 2
+            if constant(layer.inputs[1]).ndim != 2 or shape is None or len(shape) != 2:
+                return refuse(self, bn, "the MatMul is not [N, K] x [K, M]")
         return True
 
     def _fold_into_layer(self, graph: ir.Graph, layer: ir.Node, a: np.ndarray, b: np.ndarray):

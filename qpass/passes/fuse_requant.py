@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.graph import attribute, constant, is_op, sole_consumer
-from qpass.passes.base import Pass
+from qpass.passes.base import Pass, refuse
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ class FuseRequant(Pass):
             return False
         low, high = _representable_range(q)
         if low is None:
-            return False
+            return refuse(self, node, "the QuantizeLinear's range is not constant")
         clamp_low, clamp_high = _clamp_bounds(node)
         if clamp_low is None or not _within(low, high, clamp_low, clamp_high):
-            return False
+            return refuse(self, node, "the quantized range reaches past the clamp's bounds")
         q.replace_input_with(0, node.inputs[0])
         graph.remove(node, safe=True)
         return True
@@ -101,7 +101,7 @@ class FuseRequant(Pass):
         if _same_params(dq, q) or _is_per_axis(dq):
             return False
         if dq.inputs[0].dtype != q.outputs[0].dtype:
-            return False
+            return refuse(self, node, "the pairs around it have different integer types")
         _set_params(q, dq.inputs[1], dq.inputs[2])
         return True
 
@@ -148,11 +148,11 @@ class FuseRequant(Pass):
         if not is_op(q1, "QuantizeLinear") or sole_consumer(q1.outputs[0]) is not dq:
             return False
         if _is_per_axis(q1) or _is_per_axis(q2):
-            return False
+            return refuse(self, q2, "per-axis scales")
         low1, high1 = _representable_range(q1)
         low2, high2 = _representable_range(q2)
         if low1 is None or low2 is None or not _within(low2, high2, low1, high1):
-            return False
+            return refuse(self, q2, "the second range does not lie within the first")
         q2.replace_input_with(0, q1.inputs[0])
         graph.remove([dq, q1], safe=True)
         return True
