@@ -1,8 +1,8 @@
 """Presets as registered data: each names its passes and declares its typed options once.
 
 A preset is a function `build(target, exclude, **options) -> list of passes`, registered with
-`@preset(name, help, options=..., targets=...)` in a module of this package (modules are found by
-`get` and `names`). Its `Option`s give each keyword's type, default (per target where it
+`@preset(name, help, options=..., targets=...)` in a module of this package (the `REGISTRY`
+imports them all at the first lookup). Its `Option`s give each keyword's type, default (per target where it
 differs), range or choices and one-line help; the CLI's flags, choices and help are generated from
 them, and `Preset.passes` refuses an option the preset does not take, or out of its range, before
 any work, naming the presets that take it. A preset names a format; the target (`qpass.targets`)
@@ -35,7 +35,6 @@ class Option:
     default: Any = None
     choices: tuple = ()
     minimum: float | None = None
-    maximum: float | None = None
     cli: bool = True  # False: Python API only (e.g. a tuple-valued grid)
 
     @property
@@ -58,8 +57,6 @@ class Option:
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if number and self.minimum is not None and value < self.minimum:
             raise QpassError(f"{where} must be >= {self.minimum:g}, not {value}")
-        if number and self.maximum is not None and value > self.maximum:
-            raise QpassError(f"{where} must be <= {self.maximum:g}, not {value}")
         return value
 
 
