@@ -2,12 +2,12 @@
 
 A preset is a function `build(target, exclude, **options) -> list of passes`, registered with
 `@preset(name, help, options=..., targets=...)` in a module of this package (the `REGISTRY`
-imports them all at the first lookup). Its `Option`s give each keyword's type, default (per target where it
-differs), range or choices and one-line help; the CLI's flags, choices and help are generated from
-them, and `Preset.passes` refuses an option the preset does not take, or out of its range, before
-any work, naming the presets that take it. A preset names a format; the target (`qpass.targets`)
-decides its legal form: e.g. `int8` builds U8 activations for ONNX Runtime and symmetric S8 for
-TensorRT.
+imports them all at the first lookup). Its `Option`s give each keyword's type, default (per
+target where it differs), range or choices and one-line help; the CLI's flags, choices and help
+are generated from them, and `Preset.passes` refuses an option the preset does not take, or out
+of its range, before any work, naming the presets that take it. A preset names a format; the
+target (`qpass.targets`) decides its legal form: e.g. `int8` builds U8 activations for ONNX
+Runtime and symmetric S8 for TensorRT.
 """
 
 from __future__ import annotations
