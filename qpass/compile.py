@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
 from qpass.errors import CalibrationError, LintError, OutputError, QpassError
 from qpass.files import write_atomically
+from qpass.graph import constant, is_op, module_path
 from qpass.passes.base import CalibratedPass
 from qpass.runtime import onnxruntime as ort_runtime
 
@@ -118,6 +120,8 @@ def compile(
         options: the preset's typed options (e.g. calibrator, group_size, format); an option the
             preset does not take, or out of its range, is refused before any work.
     """
+    if batch_size < 1:
+        raise CalibrationError(f"the calibration batch size must be >= 1, not {batch_size}")
     target = targets.get(target)
     preset = preset or target.default_preset
     if passes is None:
@@ -133,6 +137,7 @@ def compile(
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
+    _check_exclude(model.graph, exclude)
     float_model = ir.to_proto(model).SerializeToString() if keep_reference else None
     context = None
     if calibration is not None:
@@ -142,6 +147,7 @@ def compile(
         p.context = context
     _run(passes, model)
     RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
+    _check_scales(model)
     compiled = CompiledModel(model, float_model, context, target)
     compiled.findings = _check(target, model)
     return compiled
@@ -161,6 +167,29 @@ def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
         if isinstance(cause, ir.passes.PreconditionError):
             raise QpassError(str(cause)) from None
         raise
+
+
+def _check_exclude(graph: ir.Graph, exclude) -> None:
+    """Every name in `exclude` is a node's name or module path; else the closest names."""
+    names = {n.name for n in graph if n.name} | {module_path(n) for n in graph} - {""}
+    for name in exclude:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else "; `qpass inspect` lists them"
+            raise QpassError(f"--exclude {name!r} matches no node of the model{hint}")
+
+
+def _check_scales(model: ir.Model) -> None:
+    """Every constant Q/DQ scale of the compiled graph is finite and positive."""
+    for node in model.graph:
+        if is_op(node, "QuantizeLinear", "DequantizeLinear") and len(node.inputs) > 1:
+            scale = constant(node.inputs[1])
+            if scale is not None and not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise QpassError(
+                    f"{node.name or node.op_type}: scale {scale.ravel()[:4]} is not finite and "
+                    "positive: the calibrated range overflows float32; check the calibration "
+                    "data's range"
+                )
 
 
 _LISTED = 10

@@ -161,3 +161,78 @@ def test_input_file_is_never_modified(model_file, tiny_calibration, tmp_path):
     )
     assert hashlib.sha256(model_file.read_bytes()).hexdigest() == digest
     assert out.is_file() and not list(tmp_path.glob(".out.onnx.*"))
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        ({"input": np.ones((2, 3, 16, 16), bool)},
+         "holds bool values; the model's input is float32"),
+        ({"input": np.ones((2, 3, 16, 16), np.int64)}, "holds int64 values"),
+        ({"input": np.stack([np.full((3, 16, 16), -3e38), np.full((3, 16, 16), 3e38)])
+          .astype(np.float32)}, "overflows float32 scales"),
+    ],
+)
+def test_calibration_data_of_the_wrong_kind_or_range(model_file, calibration, message):
+    with pytest.raises(qpass.CalibrationError, match=message):
+        compile_with(model_file, calibration)
+
+
+def test_constant_calibration_input_is_named_in_a_warning(model_file, caplog):
+    compile_with(model_file, {"input": np.zeros((4, 3, 16, 16), np.float32)})
+    assert "calibration input 'input' holds the value 0 in every sample" in caplog.text
+
+
+def test_huge_calibration_values_never_give_a_model_with_bad_scales(model_file, tmp_path):
+    """Values near 1e37 overflow inside the network: refused by the final scale check, or
+    left float with a warning; never a file with infinite scales."""
+    data = {"input": np.random.default_rng(0).normal(0, 1e37, (4, 3, 16, 16)).astype(np.float32)}
+    try:
+        compiled = compile_with(model_file, data)
+    except qpass.QpassError as e:
+        assert "overflow" in str(e) or "NaN or Inf" in str(e)
+        return
+    for node in compiled.model.graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            scale = node.inputs[1].const_value.numpy()
+            assert np.isfinite(scale).all() and (scale > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "0"], "batch size must be >= 1, not 0"),
+        (["--exclude", "Conv_O"], "--exclude 'Conv_O' matches no node of the model; closest: "),
+    ],
+)
+def test_option_values_the_model_cannot_take(tmp_path, tiny_model, tiny_calibration, capsys,
+                                            argv, message):
+    proto = tiny_model
+    for index, node in enumerate(proto.graph.node):
+        node.name = f"{node.op_type}_{index}"
+    source, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    onnx.save(proto, source)
+    np.savez(calib, **tiny_calibration)
+    before = source.read_bytes()
+    assert main(["compile", str(source), "--calib", str(calib), "-q", "-o", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert "Conv_0" in err or "--exclude" not in argv
+    assert not out.exists() and source.read_bytes() == before
+
+
+def test_lorc_rank_above_the_weight_rank_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(0, 1, (32, 16)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])], [weight],
+    )
+    source, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    argv = ["compile", str(source), "-q", "-o", str(out), "--preset", "w4a16-rtn"]
+    assert main([*argv, "--group-size", "16", "--lm-head", "int4", "--lorc-rank", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds min(K, N) = 16 of MatMul 'proj'" in err and err.count("\n") == 1
+    assert not out.exists()

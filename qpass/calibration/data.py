@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -10,6 +11,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.errors import CalibrationError
+
+logger = logging.getLogger(__name__)
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable
 
@@ -38,6 +43,7 @@ class CalibrationData:
             raise CalibrationError("calibration data is empty: give at least one sample")
         first = next(iter(self.inputs))
         self.num_samples = sum(len(feed[first]) for feed in self.feeds)
+        self._warn_constant_inputs()
 
     def __len__(self) -> int:
         return len(self.feeds)
@@ -94,6 +100,12 @@ class CalibrationData:
     def _check(self, name: str, array: np.ndarray) -> np.ndarray:
         value = self.inputs[name]
         expected = value.dtype.numpy() if value.dtype is not None else array.dtype
+        if np.issubdtype(expected, np.floating) and array.dtype.kind in "biu":
+            raise CalibrationError(
+                f"calibration input {name!r} holds {array.dtype} values; the model's input is "
+                f"{expected}: give the float data the model reads (cast it first if the integers "
+                "are meant)"
+            )
         if array.dtype != expected:
             if not np.can_cast(array.dtype, expected, "same_kind"):
                 raise CalibrationError(
@@ -118,7 +130,27 @@ class CalibrationData:
             raise CalibrationError(
                 f"calibration input {name!r} holds {bad} NaN or Inf values: clean the data first"
             )
+        if np.issubdtype(array.dtype, np.floating) and array.size:
+            low, high = float(array.min()), float(array.max())
+            if high - low > FLOAT32_MAX:
+                raise CalibrationError(
+                    f"calibration input {name!r} spans {low:.3g} to {high:.3g}: its range "
+                    "overflows float32 scales; rescale the data"
+                )
         return array
+
+    def _warn_constant_inputs(self) -> None:
+        """Log a warning for each float input that holds one value in every sample."""
+        for name in self.inputs:
+            arrays = [feed[name] for feed in self.feeds]
+            if arrays[0].dtype.kind != "f" or not arrays[0].size:
+                continue
+            low = min(float(a.min()) for a in arrays)
+            if low == max(float(a.max()) for a in arrays):
+                logger.warning(
+                    "calibration input %r holds the value %g in every sample: the ranges it "
+                    "gives describe no real data", name, low,
+                )
 
 
 def _batches(columns: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qpass.errors import QpassError
 from qpass.graph import attribute, constant, initializer, is_op
 from qpass.passes.base import ReadsFloatModel
 from qpass.passes.groupwise import dequantize
@@ -43,7 +44,13 @@ class LowRankCompensation(ReadsFloatModel):
     def record(self, model: ir.Model) -> None:
         """Keep references to the float weights of the MatMuls to compensate (no copy)."""
         for node in weight_matmuls(model.graph, lm_head=True):
-            self.float_weights[node.name] = ir.convenience.get_const_tensor(node.inputs[1])
+            weight = ir.convenience.get_const_tensor(node.inputs[1])
+            if self.rank > min(weight.shape):
+                raise QpassError(
+                    f"lorc_rank (--lorc-rank) {self.rank} exceeds min(K, N) = {min(weight.shape)} "
+                    f"of MatMul {node.name!r}: choose a rank <= {min(weight.shape)}"
+                )
+            self.float_weights[node.name] = weight
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         compensated = 0
