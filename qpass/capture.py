@@ -91,12 +91,20 @@ def _is_torch_module(model: Any) -> bool:
 
 
 def _capture_torch(module, example_inputs, input_names, axes: tuple[int, ...]) -> ir.Model:
-    import torch
-
+    """Export `module` in eval mode; its training mode is restored afterwards."""
     if example_inputs is None:
         raise ModelError("capturing a torch.nn.Module needs example_inputs (a tensor or a tuple)")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    module = module.eval()
+    training = module.training
+    try:
+        return _export(module.eval(), args, input_names, axes)
+    finally:
+        module.train(training)
+
+
+def _export(module, args: tuple, input_names, axes: tuple[int, ...]) -> ir.Model:
+    import torch
+
     names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     dynamic = None
     if axes:
@@ -115,7 +123,7 @@ def _capture_torch(module, example_inputs, input_names, axes: tuple[int, ...]) -
             f"torch.export could not capture {type(module).__name__} ({type(e).__name__}: "
             f"{reason}); falling back to the TorchScript ONNX exporter, which traces one path "
             "through data-dependent control flow",
-            stacklevel=3,
+            stacklevel=4,
         )
     import io
 

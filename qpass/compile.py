@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qpass import presets, targets
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
-from qpass.errors import CalibrationError, LintError, OutputError, QpassError
+from qpass.errors import CalibrationError, LintError, ModelError, OutputError, QpassError
 from qpass.files import write_atomically
 from qpass.graph import constant, is_op, module_path
 from qpass.passes.base import CalibratedPass
@@ -124,7 +125,8 @@ def compile(
         raise CalibrationError(f"the calibration batch size must be >= 1, not {batch_size}")
     target = targets.get(target)
     preset = preset or target.default_preset
-    if passes is None:
+    preset_pipeline = passes is None
+    if preset_pipeline:
         passes = presets.get(preset).passes(target, exclude, **options)
     elif options:
         raise QpassError(f"options {sorted(options)} are a preset's: give them without passes=")
@@ -137,6 +139,8 @@ def compile(
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
+    if preset_pipeline:
+        _refuse_quantized(model.graph)
     _check_exclude(model.graph, exclude)
     float_model = ir.to_proto(model).SerializeToString() if keep_reference else None
     context = None
@@ -167,6 +171,23 @@ def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
         if isinstance(cause, ir.passes.PreconditionError):
             raise QpassError(str(cause)) from None
         raise
+
+
+QUANTIZED_OPS = (
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "QLinearAdd", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized",
+)
+"""Ops of quantized ONNX models, QDQ and QOperator forms (ONNX and com.microsoft)."""
+
+
+def _refuse_quantized(graph: ir.Graph) -> None:
+    found = Counter(n.op_type for n in graph if n.op_type in QUANTIZED_OPS)
+    if found:
+        listed = ", ".join(f"{count} {op}" for op, count in found.most_common(3))
+        raise ModelError(
+            f"the model is already quantized ({listed}): give qpass the float model"
+        )
 
 
 def _check_exclude(graph: ir.Graph, exclude) -> None:

@@ -236,3 +236,14 @@ def test_lorc_rank_above_the_weight_rank_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "exceeds min(K, N) = 16 of MatMul 'proj'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_an_already_quantized_model_is_refused(tmp_path, model_file, tiny_calibration, capsys):
+    calib, once, twice = tmp_path / "c.npz", tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    np.savez(calib, **tiny_calibration)
+    argv = ["compile", "--calib", str(calib), "-q"]
+    assert main([*argv, str(model_file), "-o", str(once)]) == 0
+    assert main([*argv, str(once), "-o", str(twice)]) == 2
+    err = capsys.readouterr().err
+    assert "the model is already quantized (" in err and "give qpass the float model" in err
+    assert err.count("\n") == 1 and not twice.exists()

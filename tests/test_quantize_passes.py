@@ -302,3 +302,12 @@ def test_scale_is_shared_through_a_chain_of_scale_preserving_ops(tiny_calibratio
     _, dequantized, shortcut = run_onnx(probe, {"input": tiny_calibration["input"][:4]})
     expected = np.pad(dequantized[:, :, ::2, ::2], [(0, 0), (2, 2), (0, 0), (0, 0)])
     np.testing.assert_array_equal(shortcut, expected)
+
+
+def test_capture_restores_the_modules_training_mode():
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    qpass.capture(module, torch.randn(2, 3, 8, 8))
+    assert module.training and all(m.training for m in module.modules())
+    qpass.capture(module.eval(), torch.randn(2, 3, 8, 8))
+    assert not any(m.training for m in module.modules())
