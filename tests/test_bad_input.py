@@ -247,3 +247,21 @@ def test_an_already_quantized_model_is_refused(tmp_path, model_file, tiny_calibr
     err = capsys.readouterr().err
     assert "the model is already quantized (" in err and "give qpass the float model" in err
     assert err.count("\n") == 1 and not twice.exists()
+
+
+def _fixed_batch_model(batch: int) -> onnx.ModelProto:
+    from conftest import tiny_cnn
+
+    proto = tiny_cnn()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    return proto
+
+
+def test_a_fixed_batch_size_above_one_calibrates_in_batches_of_that_size(tiny_calibration,
+                                                                         caplog):
+    data = {"input": tiny_calibration["input"][:10]}
+    compiled = compile_with(_fixed_batch_model(4), data)
+    assert "the last 2 calibration samples are left out" in caplog.text
+    assert compiled.run({"input": data["input"][:4]})[0].shape[0] == 4
+    with pytest.raises(qpass.CalibrationError, match="give at least 4 calibration samples"):
+        compile_with(_fixed_batch_model(4), {"input": data["input"][:3]})

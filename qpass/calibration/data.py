@@ -35,9 +35,21 @@ class CalibrationData:
         # Feeds cut from stacked samples along a dynamic batch axis may be cut finer.
         stacked = isinstance(source, str | os.PathLike | Mapping | np.ndarray)
         self.splittable = dynamic and stacked
+        size = batch_size if dynamic else _fixed_batch(graph)
+        feeds = self._read(source, size)
+        if stacked and not dynamic and size > 1 and feeds and _rows(feeds[-1]) < size:
+            logger.warning(
+                "the model's batch size is fixed at %d: the last %d calibration samples are left "
+                "out", size, _rows(feeds[-1]),
+            )
+            feeds = feeds[:-1]
+            if not feeds:
+                raise CalibrationError(
+                    f"the model's batch size is fixed at {size}: give at least {size} "
+                    "calibration samples"
+                )
         self.feeds = [
-            {name: self._check(name, array) for name, array in feed.items()}
-            for feed in self._read(source, batch_size if dynamic else 1)
+            {name: self._check(name, array) for name, array in feed.items()} for feed in feeds
         ]
         if not self.feeds:
             raise CalibrationError("calibration data is empty: give at least one sample")
@@ -161,6 +173,16 @@ def _batches(columns: dict[str, np.ndarray], size: int) -> list[dict[str, np.nda
             + ", ".join(f"{k}: {len(v)}" for k, v in columns.items())
         )
     return [{k: v[i : i + size] for k, v in columns.items()} for i in range(0, count, size)]
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return len(next(iter(feed.values())))
+
+
+def _fixed_batch(graph: ir.Graph) -> int:
+    """The fixed batch size all inputs share (their first dimension), else 1."""
+    sizes = {v.shape[0] if v.shape is not None and len(v.shape) else 1 for v in graph.inputs}
+    return sizes.pop() if len(sizes) == 1 and isinstance(next(iter(sizes)), int) else 1
 
 
 def _rank(value: ir.Value) -> int:
