@@ -73,6 +73,13 @@ def _add_compile(commands) -> None:
     )
     c.add_argument("--exclude", nargs="*", default=[], help="node names to keep in float")
     c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    c.add_argument(
+        "--custom-op-library",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="ONNX Runtime custom-op library for the model's ops of other domains (repeatable)",
+    )
     c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     options = c.add_argument_group("preset options (default: the preset's)")
@@ -119,6 +126,7 @@ def _compile(args) -> int:
             target=args.target,
             progress=not args.quiet,
             keep_reference=args.report is not None,
+            custom_op_libraries=args.custom_op_library,
             **{k: v for k, v in options.items() if v is not None},
         )
     except qpass.LintError as e:

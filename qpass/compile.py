@@ -98,6 +98,7 @@ def compile(
     batch_size: int = 8,
     progress: bool = True,
     keep_reference: bool = True,
+    custom_op_libraries: list[str] | tuple[str, ...] = (),
     **options: Any,
 ) -> CompiledModel:
     """Compile a float model into a quantized one.
@@ -118,6 +119,8 @@ def compile(
         batch_size: calibration batch size (used when the model's batch dimension is dynamic).
         keep_reference: keep a serialized copy of the float model for `report()` (costs its size in
             memory; the CLI keeps it only when a report is asked for).
+        custom_op_libraries: ONNX Runtime custom-op libraries implementing the model's ops of
+            other domains, loaded into every session of this process (calibration included).
         options: the preset's typed options (e.g. calibrator, group_size, format); an option the
             preset does not take, or out of its range, is refused before any work.
     """
@@ -136,12 +139,15 @@ def compile(
             f"{calibrated[0]!r} needs calibration data: pass calibration=... (an .npz file with "
             "one array per model input, or an iterable of input dicts)"
         )
+    for library in custom_op_libraries:
+        ort_runtime.use_custom_ops(library)
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
     if preset_pipeline:
         _refuse_quantized(model.graph)
     _check_exclude(model.graph, exclude)
+    _check_domains(model.graph)
     float_model = ir.to_proto(model).SerializeToString() if keep_reference else None
     context = None
     if calibration is not None:
@@ -188,6 +194,19 @@ def _refuse_quantized(graph: ir.Graph) -> None:
         raise ModelError(
             f"the model is already quantized ({listed}): give qpass the float model"
         )
+
+
+def _check_domains(graph: ir.Graph) -> None:
+    """Ops of other domains need their custom-op library for ONNX Runtime to run the model."""
+    if ort_runtime.CUSTOM_OP_LIBRARIES:
+        return
+    for node in graph:
+        if node.domain not in ort_runtime.DOMAINS:
+            raise ModelError(
+                f"node {node.name!r} is {node.op_type} of domain {node.domain!r}, which ONNX "
+                "Runtime runs only with its custom-op library: give it with "
+                "--custom-op-library PATH (custom_op_libraries=[...])"
+            )
 
 
 def _check_exclude(graph: ir.Graph, exclude) -> None:

@@ -10,6 +10,28 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
+from qpass.errors import ModelError
+
+CUSTOM_OP_LIBRARIES: list[str] = []
+"""Custom-op libraries (.so/.dll) every session of this process loads (`use_custom_ops`)."""
+
+DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+"""Op domains ONNX Runtime's CPU provider runs without a custom-op library."""
+
+
+def use_custom_ops(path: str | os.PathLike) -> None:
+    """Load the custom-op library at `path` into every session this process creates (ONNX
+    Runtime's `register_custom_ops_library`), so models with its ops can be calibrated."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"custom-op library {path} does not exist")
+    try:
+        ort.SessionOptions().register_custom_ops_library(path)
+    except Exception as e:  # ORT raises its own Fail for a file it cannot load
+        raise ModelError(f"custom-op library {path} cannot be loaded: {e}") from e
+    if path not in CUSTOM_OP_LIBRARIES:
+        CUSTOM_OP_LIBRARIES.append(path)
+
 
 def session(
     model: bytes | str | os.PathLike,
@@ -35,6 +57,8 @@ def session(
     options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
+    for library in CUSTOM_OP_LIBRARIES:
+        options.register_custom_ops_library(library)
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize

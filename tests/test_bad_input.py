@@ -265,3 +265,29 @@ def test_a_fixed_batch_size_above_one_calibrates_in_batches_of_that_size(tiny_ca
     assert compiled.run({"input": data["input"][:4]})[0].shape[0] == 4
     with pytest.raises(qpass.CalibrationError, match="give at least 4 calibration samples"):
         compile_with(_fixed_batch_model(4), {"input": data["input"][:3]})
+
+
+def test_custom_domain_ops_need_their_library(tmp_path, tiny_calibration, capsys):
+    from conftest import tiny_cnn
+
+    proto = tiny_cnn()
+    custom = helper.make_node("Swish", ["input"], ["swished"], name="act", domain="my.ops")
+    proto.graph.node.insert(0, custom)
+    proto.graph.node[1].input[0] = "swished"
+    proto.opset_import.append(helper.make_opsetid("my.ops", 1))
+    source, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    onnx.save(proto, source)
+    np.savez(calib, **tiny_calibration)
+    garbage = tmp_path / "libmyops.so"
+    garbage.write_bytes(b"not a shared library")
+    argv = ["compile", str(source), "--calib", str(calib), "-q", "-o", str(out)]
+    for extra, message in [
+        ([], "node 'act' is Swish of domain 'my.ops', which ONNX Runtime runs only with its "
+             "custom-op library: give it with --custom-op-library PATH"),
+        (["--custom-op-library", str(tmp_path / "missing.so")], "missing.so does not exist"),
+        (["--custom-op-library", str(garbage)], "libmyops.so cannot be loaded"),
+    ]:
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()
