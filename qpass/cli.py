@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from qpass.errors import QpassError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qpass", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print internal errors' tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_compile(commands)
 
@@ -37,6 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     except QpassError as e:
         print(f"qpass: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a qpass bug, not the input's fault: one line and a traceback file
+        if args.debug:
+            traceback.print_exc()
+        print(f"qpass: internal error: {type(e).__name__}: {_first_line(e)}; the traceback is "
+              f"in {_save_traceback()} (--debug prints it)", file=sys.stderr)
+        return 1
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _save_traceback() -> str:
+    fd, path = tempfile.mkstemp(prefix="qpass-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exc(file=f)
+    return path
 
 
 def _add_compile(commands) -> None:

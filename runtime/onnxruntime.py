@@ -66,7 +66,14 @@ def session(
     )
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
-    return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    except (ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelError(f"ONNX Runtime cannot load the model: {reason}") from e
 
 
 def optimized_op_types(model: bytes | str | os.PathLike) -> dict[str, int]:

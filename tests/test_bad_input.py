@@ -291,3 +291,42 @@ def test_custom_domain_ops_need_their_library(tmp_path, tiny_calibration, capsys
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_a_model_onnx_runtime_refuses_is_one_line(tmp_path, tiny_calibration, capsys):
+    from conftest import tiny_cnn
+
+    proto = tiny_cnn()
+    bad = numpy_helper.from_array(np.ones(1, np.int64), "one")
+    proto.graph.initializer.append(bad)
+    proto.graph.node.insert(0, helper.make_node("Add", ["input", "one"], ["shifted"]))
+    proto.graph.node[1].input[0] = "shifted"  # float + int64: ORT refuses the graph
+    source, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    onnx.save(proto, source)
+    np.savez(calib, **tiny_calibration)
+    assert main(["compile", str(source), "--calib", str(calib), "-q", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX Runtime cannot load the model" in err and err.count("\n") == 1, err
+
+
+def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(
+    model_file, tmp_path, tiny_calibration, capsys, monkeypatch
+):
+    from qpass.passes.fuse_requant import FuseRequant
+
+    def broken(self, model):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(FuseRequant, "call", broken)
+    calib, out = tmp_path / "c.npz", tmp_path / "q.onnx"
+    np.savez(calib, **tiny_calibration)
+    argv = ["compile", str(model_file), "--calib", str(calib), "-q", "-o", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "qpass: internal error: PassError" in err
+    assert "'FuseRequant' pass after" in err
+    path = err.split("the traceback is in ")[1].split(" ")[0]
+    assert "broken on purpose" in open(path).read()
+    assert main(["--debug", *argv]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    assert not out.exists()
