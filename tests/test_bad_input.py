@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -326,7 +327,7 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(
     assert err.count("\n") == 1 and "qpass: internal error: PassError" in err
     assert "'FuseRequant' pass after" in err
     path = err.split("the traceback is in ")[1].split(" ")[0]
-    assert "broken on purpose" in open(path).read()
+    assert "broken on purpose" in Path(path).read_text()
     assert main(["--debug", *argv]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
     assert not out.exists()
