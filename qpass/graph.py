@@ -7,8 +7,11 @@ import ast
 import logging
 
 import numpy as np
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 
+from qpass.errors import ModelError
 from qpass.metadata import TORCH_NAME_SCOPES
 
 MS_DOMAIN = "com.microsoft"
@@ -74,14 +77,36 @@ def output_channel_axis(node: ir.Node, ndim: int) -> int:
 
 
 def raise_opset(model: ir.Model, version: int) -> None:
-    """Convert the model to at least `version` of the default ONNX domain (never lowers it)."""
+    """Convert the model to at least `version` of the default ONNX domain (never lowers it) with
+    onnx's version converter, which converts every node (ReduceMean's axes, Split, Slice, Resize,
+    ...) from any opset from 7 up. The graph is rebuilt: the annotations passes left in
+    `node.meta` and `value.meta` move to the new nodes and values of the same names."""
     current = model.opset_imports.get("", None)
     if current is None or current >= version:
         return
-    from onnxscript import version_converter
+    logging.getLogger(__name__).info("converting the opset from %d to %d", current, version)
+    try:
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), version)
+    except Exception as e:  # onnx raises its own errors for ops it cannot convert
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ModelError(
+            f"cannot convert the model from opset {current} to {version}: {reason}"
+        ) from e
+    converted = ir.from_proto(proto)
+    _carry_annotations(model.graph, converted.graph)
+    model.graph = converted.graph
 
-    logging.getLogger(__name__).info("raising the opset from %d to %d", current, version)
-    version_converter.convert_version(model, target_version=version)
+
+def _carry_annotations(old: ir.Graph, new: ir.Graph) -> None:
+    nodes = {node.name: node for node in new if node.name}
+    values = {v.name: v for v in (*new.inputs, *new.initializers.values())}
+    values.update((v.name, v) for node in new for v in node.outputs)
+    for node in old:
+        if node.meta and node.name in nodes:
+            nodes[node.name].meta.update(node.meta)
+        for value in node.outputs:
+            if value.meta and value.name in values:
+                values[value.name].meta.update(value.meta)
 
 
 def module_path(node: ir.Node) -> str:

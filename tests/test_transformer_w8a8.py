@@ -277,6 +277,7 @@ def test_capture_hf_encoder_has_dynamic_batch_and_sequence(tiny_bert):
     import torch
 
     path, module = tiny_bert
+    module.eval()  # capture leaves the training mode as it found it
     for batch, seq in ((1, 5), (3, 11)):
         feed = token_feed(batch, seq)
         with torch.no_grad():

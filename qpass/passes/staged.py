@@ -54,6 +54,7 @@ class StagedWeightPass(CalibratedPass):
         if not targets:
             return ir.passes.PassResult(model, modified=False)
         ensure_weight_opset(model)
+        targets = weight_matmuls(model.graph, self.exclude, self.lm_head)  # rebuilt nodes
         stages = quantization_stages(targets, self.sequential)
         runner = StagedCalibration(self.context)
         for index, stage in enumerate(stages):
