@@ -79,8 +79,9 @@ def output_channel_axis(node: ir.Node, ndim: int) -> int:
 def raise_opset(model: ir.Model, version: int) -> None:
     """Convert the model to at least `version` of the default ONNX domain (never lowers it) with
     onnx's version converter, which converts every node (ReduceMean's axes, Split, Slice, Resize,
-    ...) from any opset from 7 up. The graph is rebuilt: the annotations passes left in
-    `node.meta` and `value.meta` move to the new nodes and values of the same names."""
+    ...) from any opset from 7 up. The graph is rebuilt: `node.meta`, `node.metadata_props`
+    (the exporter's module paths) and `value.meta` move to the new nodes and values of the same
+    names."""
     current = model.opset_imports.get("", None)
     if current is None or current >= version:
         return
@@ -102,8 +103,9 @@ def _carry_annotations(old: ir.Graph, new: ir.Graph) -> None:
     values = {v.name: v for v in (*new.inputs, *new.initializers.values())}
     values.update((v.name, v) for node in new for v in node.outputs)
     for node in old:
-        if node.meta and node.name in nodes:
+        if node.name in nodes:  # onnx's converter keeps names, not metadata_props
             nodes[node.name].meta.update(node.meta)
+            nodes[node.name].metadata_props.update(node.metadata_props)
         for value in node.outputs:
             if value.meta and value.name in values:
                 values[value.name].meta.update(value.meta)
