@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("model", type=Path)
 
     lint = commands.add_parser(
-        "lint", help="check a QDQ ONNX model against a target's rules (exit 1 on findings)"
+        "lint",
+        help="check a QDQ ONNX model against a target's rules (exit 1 on errors or warnings)",
     )
     lint.add_argument("model", type=Path)
     checked = [t for t in targets.names() if type(targets.get(t)).check is not targets.Target.check]
@@ -170,12 +171,16 @@ def _lint(args) -> int:
     from qpass.lint import errors, format_findings
 
     findings = targets.get(args.target).check(args.model)
-    if not findings:
-        print(f"{args.model}: clean for {args.target}")
+    notes = [f for f in findings if f.severity == "info"]
+    if len(notes) == len(findings):  # nothing wrong: clean, or nothing to check
+        for note in notes:
+            print(f"{args.model} for {args.target}: {note.message}")
+        if not notes:
+            print(f"{args.model}: clean for {args.target}")
         return 0
     print(format_findings(findings))
     n_errors = len(errors(findings))
-    n_warnings = len(findings) - n_errors
+    n_warnings = len(findings) - n_errors - len(notes)
     print(
         f"{args.model}: {n_errors} error{'s' * (n_errors != 1)}, {n_warnings} "
         f"warning{'s' * (n_warnings != 1)} for {args.target}"

@@ -248,7 +248,8 @@ def _check(target: targets.Target, model: ir.Model) -> list:
             refused,
         )
     for finding in findings:
-        logger.warning("%s placement: %s", target.title, finding)
+        level = logging.INFO if finding.severity == "info" else logging.WARNING
+        logger.log(level, "%s check: %s", target.title, finding)
     return findings
 
 

@@ -19,7 +19,7 @@ from qpass.runtime import tensorrt as trt_runtime
 import qpass
 from qpass import presets
 from qpass.cli import main
-from qpass.lint import RULES, errors, lint_tensorrt
+from qpass.lint import RULES, errors, format_findings, lint_tensorrt
 from qpass.passes import LowerForTensorRT
 from qpass.passes.tensorrt_rules import is_quantized_weighted
 
@@ -215,6 +215,83 @@ def int4_plugin(version="1", block_size=8, quantize_input=False, domain=True):
     return model
 
 
+def third_party_plugin(quantize_input=False):
+    """x -> Reshape [-1, 8] -> acme::FancyGemm: a plugin of another namespace than qpass's."""
+    g = Graph()
+    x = g.op("Reshape", ["x", g.tensor("shape", TensorProto.INT64, [2], [-1, 8])])
+    if quantize_input:
+        x = g.qdq(x)
+    out = g.name("fancy")
+    g.nodes.append(
+        helper.make_node(
+            "FancyGemm", [x], [out], name=out, domain="acme",
+            plugin_namespace="acme", plugin_version="1",
+        )
+    )
+    model = g.model(out, 17)
+    model.opset_import.append(helper.make_opsetid("acme", 1))
+    return model
+
+
+def implicit_uint8():
+    """QuantizeLinear(x, s) with no zero point and no output_dtype -> DQ -> Conv."""
+    g = Graph()
+    s = g.tensor("s", TensorProto.FLOAT, [], [0.02])
+    x = g.op("DequantizeLinear", [g.op("QuantizeLinear", ["x", s]), s])
+    return g.model(g.conv(x))
+
+
+def nvfp4_matmul(block_size=16, static_activation=False, opset=23):
+    """W4A4 NVFP4: x [1, 4, 8, 8] -> Reshape [8, 32] -> FP4 activation -> MatMul with an FP4
+    weight [32, 6] in blocks of 16 and two-level scales (FP8 E4M3 per block, float per tensor).
+
+    The activation in TensorRT's form: trt::TRT_FP4DynamicQuantize (block scales computed at run
+    time) -> DequantizeLinear of the FP8 block scales -> blockwise DequantizeLinear of the data;
+    `static_activation` quantizes it with a plain FP4 QuantizeLinear and one calibrated scale."""
+    g = Graph()
+    x = g.op("Reshape", ["x", g.tensor("shape", TensorProto.INT64, [2], [-1, 32])])
+    if static_activation:
+        x = g.qdq(x, scale=0.1, dtype=TensorProto.FLOAT4E2M1)
+    else:
+        double = g.tensor("gs", TensorProto.FLOAT, [], [0.01])
+        data, scales = g.name("xf4"), g.name("xs8")
+        g.nodes.append(
+            helper.make_node(
+                "TRT_FP4DynamicQuantize", [x, double], [data, scales], name=data, domain="trt",
+                axis=-1, block_size=block_size, scale_type=TensorProto.FLOAT8E4M3FN,
+            )
+        )
+        scale = g.op("DequantizeLinear", [scales, double])
+        x = g.op("DequantizeLinear", [data, scale], axis=-1, block_size=block_size)
+    values = np.random.default_rng(0).choice([-6, -2, -0.5, 0, 0.5, 1, 3, 4], 32 * 6)
+    w = g.tensor("w", TensorProto.FLOAT4E2M1, [32, 6], values)
+    block_scales = g.tensor("ws8", TensorProto.FLOAT8E4M3FN, [2, 6], np.full(12, 1.5))
+    per_tensor = g.tensor("wg", TensorProto.FLOAT, [], [0.01])
+    w_scale = g.op("DequantizeLinear", [block_scales, per_tensor])
+    w = g.op("DequantizeLinear", [w, w_scale], axis=0, block_size=16)
+    model = g.model(g.op("MatMul", [x, w]), opset)
+    model.opset_import.append(helper.make_opsetid("trt", 1))
+    return model
+
+
+def pooled_gemm(quantize_weight: bool):
+    """x -> Q/DQ -> GlobalAveragePool -> Reshape [1, 4] -> Gemm (weight [6, 4], transB)."""
+    g = Graph()
+    pooled = g.op("GlobalAveragePool", [g.qdq("x")])
+    flat = g.op("Reshape", [pooled, g.tensor("shape", TensorProto.INT64, [2], [1, 4])])
+    if quantize_weight:
+        w = g.weight((6, 4))
+    else:
+        w = g.tensor("wf", TensorProto.FLOAT, [6, 4], np.full(24, 0.1))
+    return g.model(g.op("Gemm", [flat, w], transB=1))
+
+
+def float_conv():
+    """A float graph: no Q/DQ, no plugin."""
+    g = Graph()
+    return g.model(g.conv("x", g.tensor("wf", TensorProto.FLOAT, [4, 4, 3, 3], np.full(144, 0.1))))
+
+
 # (rule, graph that breaks exactly that rule)
 VIOLATIONS = [
     ("opset", lambda: legal_conv(opset=25)),
@@ -240,16 +317,22 @@ VIOLATIONS = [
     ("opset", lambda: fp4_matmul(opset=21)),
     ("fp4", fp4_conv),
     ("fp4", lambda: fp4_matmul(block_size=None)),
+    ("fp4", lambda: nvfp4_matmul(block_size=32)),
+    ("fp4-activation", lambda: nvfp4_matmul(static_activation=True)),
+    ("implicit-type", implicit_uint8),
     ("weighted-op-inputs", float_data_conv),
     ("weighted-op-inputs", float_weight_conv),
     ("residual-add", lambda: residual(quantize_residual=False, conv_output_qdq=False)),
     ("epilogue", lambda: residual(quantize_residual=True, conv_output_qdq=True)),
     ("unused-qdq", output_qdq),
+    ("unused-qdq", lambda: pooled_gemm(quantize_weight=False)),
     ("concat-scales", concat),
     ("plugin", lambda: int4_plugin(version="2")),
     ("plugin", lambda: int4_plugin(block_size=16)),
     ("plugin", lambda: int4_plugin(domain=False)),
     ("plugin-qdq", lambda: int4_plugin(quantize_input=True)),
+    ("plugin-unchecked", third_party_plugin),
+    ("no-qdq", float_conv),
 ]
 
 
@@ -277,10 +360,12 @@ def test_every_rule_has_a_violating_graph():
         lambda: concat(scales=(0.05, 0.05)),
         int4_plugin,
         fp4_matmul,
+        nvfp4_matmul,
+        lambda: pooled_gemm(quantize_weight=True),
     ],
     ids=[
         "conv", "fp8", "conv-transpose", "w4a16-matmul", "residual-add", "concat", "plugin",
-        "fp4-matmul",
+        "fp4-matmul", "nvfp4-w4a4", "pooled-gemm",
     ],
 )
 def test_legal_graphs_are_clean(build):
@@ -302,6 +387,7 @@ def test_each_rule_catches_its_violation(rule, build):
         ("qdq-dtype", int32_bias),
         ("epilogue", lambda: residual(quantize_residual=True, conv_output_qdq=True)),
         ("unused-qdq", output_qdq),
+    ("unused-qdq", lambda: pooled_gemm(quantize_weight=False)),
         ("concat-scales", concat),
     ],
 )
@@ -311,7 +397,7 @@ def test_lower_for_tensorrt_repairs_its_rules_and_keeps_the_function(rule, build
     proto = build()
     assert rule in rules_of(proto)
     model = LowerForTensorRT()(ir.from_proto(proto)).model
-    assert lint_tensorrt(model) == []
+    assert rules_of(model) <= {"no-qdq"}  # the pooled Gemm's only Q/DQ pair is gone
     lowered = ir.to_proto(model)
     assert [o.name for o in lowered.graph.output] == [o.name for o in proto.graph.output]
     rng = np.random.default_rng(0)
@@ -411,6 +497,78 @@ def test_cli_compile_and_lint(tmp_path, tiny_calibration, capsys):
     out = capsys.readouterr().out
     assert "qdq-dtype" in out and "fix:" in out and "errors" in out
     assert main(["lint", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_a_third_party_plugin_is_a_warning_the_linter_cannot_check():
+    """TensorRT loads any plugin registered under the node's namespace: not an error."""
+    findings = lint_tensorrt(third_party_plugin())
+    assert [(f.rule, f.severity) for f in findings] == [("plugin-unchecked", "warning")]
+    assert "acme::FancyGemm" in findings[0].message
+    assert "cannot check" in findings[0].message
+    assert rules_of(third_party_plugin(quantize_input=True)) == {"plugin-unchecked", "plugin-qdq"}
+
+
+def test_a_quantize_without_zero_point_is_int8_in_tensorrt_and_uint8_in_onnx_runtime():
+    findings = lint_tensorrt(implicit_uint8())
+    assert len(findings) == 1, [str(f) for f in findings]  # the Q, not its DQ again
+    (finding,) = findings
+    assert finding.rule == "implicit-type" and finding.severity == "error"
+    assert finding.node.startswith("quantizelinear")
+    assert "TensorRT's importer reads it as INT8" in finding.message
+    assert "ONNX Runtime as UINT8" in finding.message
+
+
+def test_nvfp4_activations_in_tensorrts_dynamic_form_are_legal():
+    """FP4 activations quantized dynamically per block of 16 (TRT_FP4DynamicQuantize, FP8 block
+    scales, one build-time double-quantization scale) are allowed; other block sizes are not,
+    and a static FP4 QuantizeLinear on an activation is a warning, not the weight-only error."""
+    assert lint_tensorrt(nvfp4_matmul()) == []
+    wrong_block = lint_tensorrt(nvfp4_matmul(block_size=32))
+    assert {f.rule for f in wrong_block} == {"fp4"}
+    assert any("16" in f.message for f in wrong_block)
+    static = lint_tensorrt(nvfp4_matmul(static_activation=True))
+    assert [(f.rule, f.severity) for f in static] == [("fp4-activation", "warning")]
+    assert "fp4" not in rules_of(nvfp4_matmul(static_activation=True))
+
+
+def test_a_qdq_that_reaches_only_a_float_gemm_through_pooling_is_unused():
+    """GlobalAveragePool -> Reshape -> Gemm with a float weight: the Gemm stays float."""
+    findings = lint_tensorrt(pooled_gemm(quantize_weight=False))
+    assert [f.rule for f in findings] == ["unused-qdq"]
+    assert "float" in findings[0].message
+    assert lint_tensorrt(pooled_gemm(quantize_weight=True)) == []
+
+
+def test_a_graph_without_qdq_has_nothing_to_check(tmp_path, capsys):
+    findings = lint_tensorrt(float_conv())
+    assert [(f.rule, f.severity) for f in findings] == [("no-qdq", "info")]
+    assert errors(findings) == []
+    path = tmp_path / "float.onnx"
+    onnx.save(float_conv(), path)
+    assert main(["lint", "--target", "tensorrt", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to check" in out and "clean" not in out
+    onnx.save(legal_conv(), path)
+    assert main(["lint", "--target", "tensorrt", str(path)]) == 0
+    assert "clean" in capsys.readouterr().out
+
+
+def test_findings_start_with_a_summary_per_rule(tmp_path, capsys):
+    """Rule, severity and count of each violated rule, before the per-node lines."""
+    model = legal_conv(dtype=TensorProto.UINT8, zero=3)
+    table = format_findings(lint_tensorrt(model)).splitlines()
+    assert table[0].split() == ["rule", "severity", "count"]
+    assert [line.split() for line in table[1:3]] == [
+        ["qdq-dtype", "error", "2"],
+        ["zero-point", "error", "2"],
+    ]
+    first_node_line = next(i for i, line in enumerate(table) if "quantizelinear" in line)
+    assert first_node_line > 3
+    path = tmp_path / "uint8.onnx"
+    onnx.save(model, path)
+    assert main(["lint", "--target", "tensorrt", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out.index("zero-point             error") < out.index("fix:")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")

@@ -43,8 +43,9 @@ class LowerForTensorRT(Pass):
        guide recommends quantizing the residual input of skip connections). With two such
        inputs, the first one is unwrapped and the other stays the quantized residual.
     3. Q -> DQ on an activation whose dequantized value no INT8 consumer reads (a graph output, a
-       float op), looking through pooling and data movement  ==>  the float tensor itself (the
-       guide advises against quantizing the outputs of weighted ops by default).
+       float op, a Conv/Gemm/MatMul whose other input stays float), looking through pooling and
+       data movement  ==>  the float tensor itself (the guide advises against quantizing the
+       outputs of weighted ops by default).
     4. Concat of per-tensor dequantized activations with unequal scales  ==>  every input, and a
        QuantizeLinear that is the Concat's sole reader, takes the largest scale: the Concat then
        joins INT8 tensors without requantizing each input (TensorRT Model Optimizer's

@@ -48,18 +48,43 @@ def is_quantized_weighted(node: ir.Node | None) -> bool:
     )
 
 
+def reads_dequantized(value: ir.Value | None) -> bool:
+    """A value a DequantizeLinear produces, directly or through the ops it moves past
+    (PASS_THROUGH_OPS; every input of a Concat): TensorRT reads it quantized."""
+    node = value.producer() if value is not None else None
+    if is_op(node, "DequantizeLinear"):
+        return True
+    if is_op(node, "Concat"):
+        return bool(node.inputs) and all(map(reads_dequantized, node.inputs))
+    if not is_op(node, *PASS_THROUGH_OPS) or not node.inputs:
+        return False
+    return reads_dequantized(node.inputs[0])
+
+
 def feeds_int8(value: ir.Value, _seen: set[int] | None = None) -> bool:
     """Whether a reader of `value` runs in INT8 under TensorRT: a data or weight input of a
-    weighted op, an Add, a QuantizeLinear, or a pooling/data-movement op whose output does."""
+    weighted op whose other input is dequantized too, an Add, a QuantizeLinear, or a
+    pooling/data-movement op whose output does. A weighted op with a float weight (or float
+    data) runs in float: a Q/DQ that reaches only such ops is an extra rounding."""
     seen = set() if _seen is None else _seen
     for node, index in value.uses():
-        if is_op(node, "QuantizeLinear", "Add") or (is_op(node, *WEIGHTED_OPS) and index < 2):
+        if is_op(node, "QuantizeLinear", "Add") or _is_quantized_input(node, index):
             return True
         if is_op(node, *PASS_THROUGH_OPS) and id(node) not in seen and node.outputs:
             seen.add(id(node))
             if feeds_int8(node.outputs[0], seen):
                 return True
     return False
+
+
+def _is_quantized_input(node: ir.Node, index: int) -> bool:
+    """Input `index` (data or weight) of a weighted op whose other one is dequantized."""
+    return (
+        is_op(node, *WEIGHTED_OPS)
+        and index < 2
+        and len(node.inputs) >= 2
+        and reads_dequantized(node.inputs[1 - index])
+    )
 
 
 def epilogue_input(add: ir.Node) -> int | None:
