@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -38,16 +41,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"compile": _compile, "inspect": _inspect, "lint": _lint}[args.command](args)
+        with _signals_interrupt():
+            return {"compile": _compile, "inspect": _inspect, "lint": _lint}[args.command](args)
     except QpassError as e:
         print(f"qpass: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: files being written are removed
+        print("qpass: interrupted", file=sys.stderr)
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        return 128 + signum
     except Exception as e:  # a qpass bug, not the input's fault: one line and a traceback file
         if args.debug:
             traceback.print_exc()
         print(f"qpass: internal error: {type(e).__name__}: {_first_line(e)}; the traceback is "
               f"in {_save_traceback()} (--debug prints it)", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt(signal number) as Ctrl-C does, so that the
+    temporary files of a write in progress are removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {s: signal.signal(s, interrupt) for s in (getattr(signal, n) for n in names)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _first_line(error: BaseException) -> str:
@@ -135,7 +163,9 @@ def _preset_options() -> dict[str, list]:
 
 def _compile(args) -> int:
     import qpass
+    from qpass.files import check_outputs
 
+    check_outputs(args.output, args.report, model=args.model, calibration=args.calib)
     options = {name: getattr(args, name) for name in _preset_options()}
     start = time.perf_counter()
     try:
@@ -153,12 +183,12 @@ def _compile(args) -> int:
         )
     except qpass.LintError as e:
         raise qpass.LintError(f"{e}\n{args.output} was not written", e.findings) from e
+    report = compiled.report() if args.report else None  # before writing: an error leaves no file
     compiled.save(args.output)
     if not args.quiet:
         print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
         print(_summary(compiled.model))
-    if args.report:
-        report = compiled.report()
+    if report is not None:
         report.save(args.report)
         if not args.quiet:
             print(f"wrote {args.report}; worst layers:")

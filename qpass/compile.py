@@ -16,8 +16,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qpass import presets, targets
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
-from qpass.errors import CalibrationError, LintError, ModelError, OutputError, QpassError
-from qpass.files import write_atomically
+from qpass.errors import CalibrationError, LintError, ModelError, QpassError
+from qpass.files import replacing, write_atomically
 from qpass.graph import constant, is_op, module_path
 from qpass.passes.base import CalibratedPass
 from qpass.runtime import onnxruntime as ort_runtime
@@ -49,15 +49,16 @@ class CompiledModel:
         return ir.to_proto(self.model).SerializeToString()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model to `path` atomically (a temporary file renamed into place); a model
-        whose tensors pass 2 GB (protobuf's limit) keeps them in `<file>.data` beside it."""
-        if _tensor_bytes(self.model) > EXTERNAL_DATA_BYTES:
-            path = Path(path)
-            if not path.parent.is_dir():
-                raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
-            ir.save(self.model, path, external_data=f"{path.name}.data")
-            return path
-        return write_atomically(Path(path), self.to_bytes())
+        """Write the model to `path` atomically (temporary files renamed into place); a model
+        whose tensors pass 2 GB (protobuf's limit) keeps them in `<file>.data` beside it, and
+        the two are written together: both in place, or neither."""
+        path = Path(path)
+        if _tensor_bytes(self.model) <= EXTERNAL_DATA_BYTES:
+            return write_atomically(path, self.to_bytes())
+        data = path.parent / f"{path.name}.data"
+        with replacing(data, path) as (_, temporary):  # the data first: the model points at it
+            ir.save(self.model, temporary, external_data=data.name)
+        return path
 
     def session(self, threads: int | None = None):
         """An ONNX Runtime session running the compiled model (cached for the default settings)."""

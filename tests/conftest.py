@@ -6,6 +6,7 @@ loader's one-line reason (where the data comes from) instead of failing.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -133,6 +134,20 @@ def tiny_cnn(seed: int = 0, channels: int = 8, batchnorm: bool = True) -> onnx.M
 @pytest.fixture
 def tiny_model() -> onnx.ModelProto:
     return tiny_cnn()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder without write permission; skips as root, whom permissions do not bind."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        yield folder
+    finally:
+        folder.chmod(0o700)
 
 
 @pytest.fixture
