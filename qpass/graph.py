@@ -79,23 +79,51 @@ def output_channel_axis(node: ir.Node, ndim: int) -> int:
 def raise_opset(model: ir.Model, version: int) -> None:
     """Convert the model to at least `version` of the default ONNX domain (never lowers it) with
     onnx's version converter, which converts every node (ReduceMean's axes, Split, Slice, Resize,
-    ...) from any opset from 7 up. The graph is rebuilt: `node.meta`, `node.metadata_props`
+    ...) from any opset from 7 up. The weights are set aside meanwhile and put back, never
+    copied. The graph is rebuilt: `node.meta`, `node.metadata_props`
     (the exporter's module paths) and `value.meta` move to the new nodes and values of the same
     names."""
     current = model.opset_imports.get("", None)
     if current is None or current >= version:
         return
     logging.getLogger(__name__).info("converting the opset from %d to %d", current, version)
+    weights = _set_weights_aside(model.graph)
     try:
         proto = onnx.version_converter.convert_version(ir.to_proto(model), version)
     except Exception as e:  # onnx raises its own errors for ops it cannot convert
+        for value, tensor in weights.values():
+            value.const_value = tensor
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelError(
             f"cannot convert the model from opset {current} to {version}: {reason}"
         ) from e
+    # The old graph keeps the references without data: the weights live in the new one alone,
+    # and are freed as soon as a pass replaces them (not when a garbage collection finds the
+    # old graph's cycles).
     converted = ir.from_proto(proto)
+    for name, (_, tensor) in weights.items():
+        if name in converted.graph.initializers:
+            converted.graph.initializers[name].const_value = tensor
     _carry_annotations(model.graph, converted.graph)
     model.graph = converted.graph
+
+
+_ASIDE_BYTES = 1024
+
+
+def _set_weights_aside(graph: ir.Graph) -> dict[str, tuple[ir.Value, ir.TensorProtocol]]:
+    """Replace each initializer over 1 KB by a reference without data, so that the conversion
+    copies no weight (a model's size in memory, twice, otherwise); {name: (value, tensor)}."""
+    aside = {}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and tensor.nbytes > _ASIDE_BYTES:
+            aside[name] = (value, tensor)
+            value.const_value = ir.ExternalTensor(
+                "qpass-weight-set-aside", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                name=name,
+            )
+    return aside
 
 
 def _carry_annotations(old: ir.Graph, new: ir.Graph) -> None:
