@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +11,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qpass import presets, targets
+from qpass import checks, presets, targets
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
-from qpass.errors import CalibrationError, LintError, ModelError, QpassError
+from qpass.errors import CalibrationError, LintError, QpassError
 from qpass.files import replacing, write_atomically
-from qpass.graph import constant, is_op, module_path
 from qpass.passes.base import CalibratedPass
 from qpass.runtime import onnxruntime as ort_runtime
 
@@ -146,9 +143,9 @@ def compile(
         model = model.clone()
     model = capture(model, example_inputs)
     if preset_pipeline:
-        _refuse_quantized(model.graph)
-    _check_exclude(model.graph, exclude)
-    _check_domains(model.graph)
+        checks.refuse_quantized(model.graph)
+    checks.check_exclude(model.graph, exclude)
+    checks.check_domains(model.graph)
     float_model = ir.to_proto(model).SerializeToString() if keep_reference else None
     context = None
     if calibration is not None:
@@ -158,7 +155,7 @@ def compile(
         p.context = context
     _run(passes, model)
     RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
-    _check_scales(model)
+    checks.check_scales(model)
     compiled = CompiledModel(model, float_model, context, target)
     compiled.findings = _check(target, model)
     return compiled
@@ -178,59 +175,6 @@ def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
         if isinstance(cause, ir.passes.PreconditionError):
             raise QpassError(str(cause)) from None
         raise
-
-
-QUANTIZED_OPS = (
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "QLinearAdd", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized",
-)
-"""Ops of quantized ONNX models, QDQ and QOperator forms (ONNX and com.microsoft)."""
-
-
-def _refuse_quantized(graph: ir.Graph) -> None:
-    found = Counter(n.op_type for n in graph if n.op_type in QUANTIZED_OPS)
-    if found:
-        listed = ", ".join(f"{count} {op}" for op, count in found.most_common(3))
-        raise ModelError(
-            f"the model is already quantized ({listed}): give qpass the float model"
-        )
-
-
-def _check_domains(graph: ir.Graph) -> None:
-    """Ops of other domains need their custom-op library for ONNX Runtime to run the model."""
-    if ort_runtime.CUSTOM_OP_LIBRARIES:
-        return
-    for node in graph:
-        if node.domain not in ort_runtime.DOMAINS:
-            raise ModelError(
-                f"node {node.name!r} is {node.op_type} of domain {node.domain!r}, which ONNX "
-                "Runtime runs only with its custom-op library: give it with "
-                "--custom-op-library PATH (custom_op_libraries=[...])"
-            )
-
-
-def _check_exclude(graph: ir.Graph, exclude) -> None:
-    """Every name in `exclude` is a node's name or module path; else the closest names."""
-    names = {n.name for n in graph if n.name} | {module_path(n) for n in graph} - {""}
-    for name in exclude:
-        if name not in names:
-            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.5)
-            hint = f"; closest: {', '.join(close)}" if close else "; `qpass inspect` lists them"
-            raise QpassError(f"--exclude {name!r} matches no node of the model{hint}")
-
-
-def _check_scales(model: ir.Model) -> None:
-    """Every constant Q/DQ scale of the compiled graph is finite and positive."""
-    for node in model.graph:
-        if is_op(node, "QuantizeLinear", "DequantizeLinear") and len(node.inputs) > 1:
-            scale = constant(node.inputs[1])
-            if scale is not None and not (np.isfinite(scale).all() and (scale > 0).all()):
-                raise QpassError(
-                    f"{node.name or node.op_type}: scale {scale.ravel()[:4]} is not finite and "
-                    "positive: the calibrated range overflows float32; check the calibration "
-                    "data's range"
-                )
 
 
 _LISTED = 10
