@@ -72,14 +72,36 @@ def load_onnx(path: Path) -> ir.Model:
 
 
 def _own_tensor_data(model: ir.Model) -> ir.Model:
-    """Give every initializer that reads from the loaded protobuf its own numpy array: the
-    protobuf is then freed, and reading a weight no longer copies it out each time."""
+    """Give every initializer that reads from the loaded protobuf or from external data its own
+    numpy array (external data memory-mapped): the protobuf is then freed, reading a weight no
+    longer copies it out each time, and no later copy of the model refers to the input's data
+    files (which ONNX Runtime could not find from another working directory). External data
+    must lie inside the model's folder, as onnx.load requires."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
-            if isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype != ir.DataType.STRING:
+            if isinstance(tensor, ir.ExternalTensor):
+                _check_external(tensor)
+            if isinstance(tensor, ir.TensorProtoTensor | ir.ExternalTensor) and (
+                tensor.dtype != ir.DataType.STRING
+            ):
                 value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
     return model
+
+
+def _check_external(tensor: ir.ExternalTensor) -> None:
+    folder = Path(tensor.base_dir or ".").resolve()
+    path = (folder / tensor.location).resolve()
+    if not path.is_relative_to(folder):
+        raise ModelError(
+            f"tensor {tensor.name!r} reads external data at {tensor.location!r}, outside the "
+            f"model's folder {folder}: refused (move the data file beside the model)"
+        )
+    if not path.is_file():
+        raise ModelError(
+            f"tensor {tensor.name!r} reads external data file {path}, which does not exist: "
+            "copy it beside the model"
+        )
 
 
 def _is_torch_module(model: Any) -> bool:
