@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -41,9 +42,11 @@ def capture(
     if isinstance(model, ir.Model):
         result = model
     elif isinstance(model, onnx.ModelProto):
-        result = _own_tensor_data(ir.from_proto(model))
+        with _quiet_deserializer():
+            result = _own_tensor_data(ir.from_proto(model))
     elif isinstance(model, str | os.PathLike):
-        result = _own_tensor_data(load_onnx(Path(model)))
+        with _quiet_deserializer():
+            result = _own_tensor_data(load_onnx(Path(model)))
     elif _is_torch_module(model):
         axes = (dynamic_axes or (0,)) if dynamic_batch else ()
         result = _capture_torch(model, example_inputs, input_names, axes)
@@ -69,6 +72,19 @@ def load_onnx(path: Path) -> ir.Model:
     if len(model.graph) == 0:
         raise ModelError(f"{path} is not a usable ONNX model: its graph has no nodes")
     return model
+
+
+@contextlib.contextmanager
+def _quiet_deserializer():
+    """onnx-ir warns of a value no node produces while reading; qpass's graph check
+    (`qpass.checks.check_graph`) then refuses the model in one line of its own."""
+    logger = logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _own_tensor_data(model: ir.Model) -> ir.Model:

@@ -65,3 +65,19 @@ def check_scales(model: ir.Model) -> None:
                     "positive: the calibrated range overflows float32; check the calibration "
                     "data's range"
                 )
+
+
+def check_graph(graph: ir.Graph) -> None:
+    """A model has inputs, and every value a node reads is produced by something."""
+    if not graph.inputs:
+        raise ModelError("the model has no inputs: there is nothing to calibrate or run")
+    for node in graph:
+        for value in node.inputs:
+            if value is None or value.producer() is not None or value.is_graph_input():
+                continue
+            if value.is_initializer() or value.const_value is not None:
+                continue
+            raise ModelError(
+                f"node {node.name or node.op_type!r} reads {value.name!r}, which no node, input "
+                "or initializer produces: the model is incomplete"
+            )

@@ -144,6 +144,7 @@ def compile(
     model = capture(model, example_inputs)
     if preset_pipeline:
         checks.refuse_quantized(model.graph)
+    checks.check_graph(model.graph)
     checks.check_exclude(model.graph, exclude)
     checks.check_domains(model.graph)
     float_model = ir.to_proto(model).SerializeToString() if keep_reference else None

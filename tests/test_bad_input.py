@@ -326,3 +326,54 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(
     assert main(["--debug", *argv]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _dangling():
+    from conftest import tiny_cnn
+
+    proto = tiny_cnn()
+    proto.graph.node[3].input[0] = "nowhere"
+    return proto
+
+
+def _cyclic():
+    from conftest import tiny_cnn
+
+    proto = tiny_cnn()
+    proto.graph.node[0].input[0] = proto.graph.node[2].output[0]
+    return proto
+
+
+def _without_inputs():
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant", [], ["c"], value=numpy_helper.from_array(np.ones(2, np.float32))
+            ),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ],
+        "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("build", "calibration", "message"),
+    [
+        (_dangling, None, "reads 'nowhere', which no node, input or initializer produces"),
+        (_cyclic, None, "not acyclic"),
+        (_without_inputs, None, "the model has no inputs"),
+        (None, np.float32(1.0), "is a single number: give samples on the first axis"),
+    ],
+)
+def test_broken_graphs_and_scalar_calibration(tmp_path, tiny_calibration, capsys, build,
+                                              calibration, message):
+    from conftest import tiny_cnn
+
+    source, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    onnx.save(build() if build else tiny_cnn(), source)
+    np.savez(calib, **({"input": calibration} if calibration is not None else tiny_calibration))
+    assert main(["compile", str(source), "--calib", str(calib), "-q", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -107,6 +107,11 @@ class CalibrationData:
         for name, array in feed.items():
             if array.ndim == _rank(self.inputs[name]) - 1:
                 feed[name] = array[None]
+            elif array.ndim == 0:
+                raise CalibrationError(
+                    f"calibration input {name!r} is a single number: give samples on the first "
+                    "axis, each shaped as the model's input"
+                )
         return feed
 
     def _check(self, name: str, array: np.ndarray) -> np.ndarray:
