@@ -174,7 +174,7 @@ def _check_dtype(model: ir.Model) -> Iterator[Finding]:
         if dtype == ir.DataType.INT32:
             fix = "keep the bias in float: TensorRT quantizes it (LowerForTensorRT rule 1)"
         elif dtype == ir.DataType.UINT8:
-            fix = "use signed int8 activations with zero point 0 (the int8-tensorrt preset)"
+            fix = "use signed int8 activations with zero point 0 (`--target tensorrt`)"
         yield Finding(
             "qdq-dtype",
             _name(node),

@@ -1,5 +1,5 @@
 """TensorRT target: every linter rule fails on a graph that breaks exactly it, LowerForTensorRT
-repairs what it can, the int8-tensorrt preset's output is clean, the CLI refuses illegal graphs.
+repairs what it can, the int8 preset's TensorRT output is clean, the CLI refuses illegal graphs.
 
 TensorRT itself cannot be installed here: these checks are static; numerics run in ONNX Runtime.
 """
@@ -621,7 +621,7 @@ def test_trtexec_command_rejects_bad_shapes(tmp_path, shapes, message):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet20"])
-def test_int8_tensorrt_preset_is_clean_on_real_models(real_models, name):
+def test_int8_for_tensorrt_is_clean_on_real_models(real_models, name):
     data = pytest.importorskip("benchmarks.data")
     loader = {"efficientnet_lite0": data.imagenet, "resnet20": data.cifar10}[name]
     calib, _ = loader("calibration", limit=8)

@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 class LowerForTensorRT(Pass):
     """Put a QDQ graph in the explicit-quantization form TensorRT fuses.
 
-    What upstream passes must already have chosen (the `int8-tensorrt` preset does): symmetric S8
-    activations with calibrated per-tensor scales, symmetric S8 weights per output channel, and
-    Q/DQ on the inputs of every Conv, ConvTranspose, Gemm, MatMul, Add and average pool. This pass
+    What upstream passes must already have chosen (`int8` for `--target tensorrt` does):
+    symmetric S8 activations with calibrated per-tensor scales, symmetric S8 weights per output
+    channel, and Q/DQ on the inputs of every Conv, ConvTranspose, Gemm, MatMul, Add and average pool. This pass
     never recalibrates; it moves and removes Q/DQ (TensorRT Developer Guide, "Explicit
     Quantization", Q/DQ layer-placement recommendations).
 
