@@ -28,9 +28,9 @@ class LowerForTensorRT(Pass):
 
     What upstream passes must already have chosen (`int8` for `--target tensorrt` does):
     symmetric S8 activations with calibrated per-tensor scales, symmetric S8 weights per output
-    channel, and Q/DQ on the inputs of every Conv, ConvTranspose, Gemm, MatMul, Add and average pool. This pass
-    never recalibrates; it moves and removes Q/DQ (TensorRT Developer Guide, "Explicit
-    Quantization", Q/DQ layer-placement recommendations).
+    channel, and Q/DQ on the inputs of every Conv, ConvTranspose, Gemm, MatMul, Add and average
+    pool. This pass never recalibrates; it moves and removes Q/DQ (TensorRT Developer Guide,
+    "Explicit Quantization", Q/DQ layer-placement recommendations).
 
     Rewrite rules:
 
