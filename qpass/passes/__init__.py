@@ -4,6 +4,7 @@ from qpass.passes.absorb_high_bias import AbsorbHighBias
 from qpass.passes.adaround import AdaRound
 from qpass.passes.awq import AWQ
 from qpass.passes.block_adaround import BlockAdaRound
+from qpass.passes.compute_in_float32 import ComputeInFloat32
 from qpass.passes.correct_bias import CorrectBias
 from qpass.passes.equalize import EqualizeCrossLayer
 from qpass.passes.fold_bn import FoldBatchNorm
@@ -32,6 +33,7 @@ __all__ = [
     "AbsorbHighBias",
     "AdaRound",
     "BlockAdaRound",
+    "ComputeInFloat32",
     "CorrectBias",
     "EqualizeCrossLayer",
     "FoldBatchNorm",
