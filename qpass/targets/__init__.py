@@ -1,4 +1,4 @@
-"""Deployment targets, one module each in this package, found by `get` and `names`.
+"""Deployment targets, one module each in this package (the `REGISTRY` imports them all).
 
 A target module defines a `Target` subclass and registers an instance with `register`. The
 target declares its name, its default preset, the legal form of the formats a preset names
@@ -22,10 +22,13 @@ class Target:
 
     name: str = ""
     title: str = ""  # as written in messages, e.g. "TensorRT"
-    family: str = ""  # the presets' name for the form it takes (default: its name); a target
-    # that reuses another's lowering by subclassing it inherits that target's family
+    family: str = ""  # the name presets serve it by (default: its name); a subclass of another
+    # target reuses that target's lowering and family
     help: str = ""
     default_preset: str = "int8"
+
+    def __init__(self) -> None:
+        self.family = self.family or self.name
 
     def int8_activations(self, method: str) -> QuantScheme:
         """The 8-bit integer activation scheme this target runs."""
@@ -47,9 +50,6 @@ class Target:
     def deploy(self, onnx_path: Any, out: Any, **options: Any) -> Any:
         """Turn a saved compiled model into what this target runs (a session, an engine)."""
         raise NotImplementedError(f"target {self.name} has no deployment step")
-
-    def __init__(self) -> None:
-        self.family = self.family or self.name
 
     def __repr__(self) -> str:
         return f"Target({self.name})"
