@@ -23,20 +23,15 @@ from benchmarks.data import DataNotFoundError  # noqa: E402  (needs ROOT on the 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
-    """Fixtures that load the benchmark data skip their tests when it is missing."""
+    """Tests, and the fixtures they set up, that load the benchmark data skip when it is
+    missing."""
     try:
         return (yield)
     except DataNotFoundError as e:
         pytest.skip(str(e))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    """Tests that load the benchmark data skip when it is missing."""
-    try:
-        return (yield)
-    except DataNotFoundError as e:
-        pytest.skip(str(e))
+pytest_runtest_call = pytest_runtest_setup
 
 
 def run_onnx(model: onnx.ModelProto | bytes, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
