@@ -48,7 +48,7 @@ def main() -> int:
     report = int8_model.report()
     print("\nlayers with the most quantization error (SQNR of their output, dB):")
     for layer in report.worst(5):
-        print(f"  {layer.op_type:<18} {layer.source or layer.node:<32} {layer.sqnr_db:6.2f}")
+        print(f"  {layer.op_type:<18} {layer.source:<32} {layer.sqnr_db:6.2f}")
     return 0
 
 

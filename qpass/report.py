@@ -26,7 +26,7 @@ class LayerError:
     node: str
     tensor: str
     sqnr_db: float
-    source: str = ""
+    source: str
     """The layer's name in the model it came from (`layer_source`): a torch module path such as
     "_blocks.3._project_conv" for a captured module, else the ONNX node name."""
 
@@ -45,24 +45,23 @@ class Report:
         """Run float and quantized models on the calibration data; accumulate SQNR per layer."""
         pairs = _compared_tensors(model)
         outputs = [v.name for v in model.graph.outputs]
-        float_names = list(dict.fromkeys([f for _, _, f, _ in pairs] + outputs))
-        quant_names = list(dict.fromkeys([q for _, _, _, q in pairs] + outputs))
+        float_names = list(dict.fromkeys([f for _, f, _ in pairs] + outputs))
+        quant_names = list(dict.fromkeys([q for _, _, q in pairs] + outputs))
         signal: dict[str, float] = {}
         noise: dict[str, float] = {}
         quantized = ir.to_proto(model).SerializeToString()
         floats = context.run(float_model, float_names, "report")
         quants = context.run(quantized, quant_names, progress=False)
         for f_out, q_out in zip(floats, quants, strict=True):
-            for key, f_name, q_name in [(q, f, q) for _, _, f, q in pairs] + [
+            for key, f_name, q_name in [(q, f, q) for _, f, q in pairs] + [
                 (o, o, o) for o in outputs
             ]:
                 reference = f_out[f_name].astype(np.float64)
                 signal[key] = signal.get(key, 0.0) + float(np.sum(reference**2))
                 noise[key] = noise.get(key, 0.0) + float(np.sum((reference - q_out[q_name]) ** 2))
-        sources = {n.name: layer_source(n) for n in model.graph}
         layers = [
-            LayerError(op, node, f, _db(signal[q], noise[q]), sources.get(node, node))
-            for op, node, f, q in pairs
+            LayerError(node.op_type, node.name, f, _db(signal[q], noise[q]), layer_source(node))
+            for node, f, q in pairs
         ]
         return cls(
             layers=layers,
@@ -77,10 +76,10 @@ class Report:
         return sorted(self.layers, key=lambda r: r.sqnr_db)[:n]
 
     def table(self) -> str:
-        width = max([len(r.source or r.node) for r in self.layers] + [6])
+        width = max([len(r.source) for r in self.layers] + [6])
         lines = [f"{'op':<18} {'source':<{width}} {'SQNR dB':>8}"]
         lines += [
-            f"{r.op_type:<18} {r.source or r.node:<{width}} {r.sqnr_db:8.2f}" for r in self.layers
+            f"{r.op_type:<18} {r.source:<{width}} {r.sqnr_db:8.2f}" for r in self.layers
         ]
         lines += [f"{'output':<18} {name:<{width}} {db:8.2f}" for name, db in self.outputs.items()]
         return "\n".join(lines)
@@ -88,7 +87,7 @@ class Report:
     def to_markdown(self) -> str:
         kernels = ", ".join(f"{k} x{v}" for k, v in self.kernels.items())
         rows = "\n".join(
-            f"| {r.op_type} | `{r.source or r.node}` | `{r.node}` | `{r.tensor}` "
+            f"| {r.op_type} | `{r.source}` | `{r.node}` | `{r.tensor}` "
             f"| {r.sqnr_db:.2f} |"
             for r in self.layers
         )
@@ -122,8 +121,8 @@ class Report:
         return write_atomically(path, text.encode())
 
 
-def _compared_tensors(model: ir.Model) -> list[tuple[str, str, str, str]]:
-    """(op type, node, float tensor, quantized tensor) for each quantized op's output."""
+def _compared_tensors(model: ir.Model) -> list[tuple[ir.Node, str, str]]:
+    """(node, float tensor, quantized tensor) for each quantized op's output."""
     pairs = []
     for node in model.graph:
         if not is_op(node, *QUANTIZABLE_OPS) or not _reads_dequantized(node):
@@ -132,11 +131,9 @@ def _compared_tensors(model: ir.Model) -> list[tuple[str, str, str, str]]:
         q = out.consumers()[0] if len(out.consumers()) == 1 else None
         dq = q.outputs[0].consumers() if is_op(q, "QuantizeLinear") else []
         if dq and is_op(dq[0], "DequantizeLinear") and QUANTIZES in dq[0].metadata_props:
-            pairs.append(
-                (node.op_type, node.name, dq[0].metadata_props[QUANTIZES], dq[0].outputs[0].name)
-            )
+            pairs.append((node, dq[0].metadata_props[QUANTIZES], dq[0].outputs[0].name))
         elif not is_op(q, "QuantizeLinear"):
-            pairs.append((node.op_type, node.name, out.name, out.name))
+            pairs.append((node, out.name, out.name))
     return pairs
 
 
@@ -191,7 +188,7 @@ def _bar_chart(rows: list[LayerError]) -> str:
         y = i * bar_h
         w = max(1.0, width * r.sqnr_db / top)
         parts.append(
-            f"<text x='0' y='{y + 13}' font-size='11'>{html.escape((r.source or r.node)[-40:])}"
+            f"<text x='0' y='{y + 13}' font-size='11'>{html.escape(r.source[-40:])}"
             "</text>"
             f"<rect x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{bar_h - 4}' fill='#c44'/>"
             f"<text x='{label_w + w + 4:.1f}' y='{y + 13}' font-size='11'>{r.sqnr_db:.1f} dB</text>"
@@ -208,7 +205,7 @@ def _html_body(report: Report) -> str:
     outs = "".join(f"<tr><td>{esc(k)}</td><td>{v:.2f}</td></tr>" for k, v in report.outputs.items())
     kernels = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in report.kernels.items())
     rows = "".join(
-        f"<tr><td>{esc(r.op_type)}</td><td>{esc(r.source or r.node)}</td><td>{esc(r.node)}</td>"
+        f"<tr><td>{esc(r.op_type)}</td><td>{esc(r.source)}</td><td>{esc(r.node)}</td>"
         f"<td>{esc(r.tensor)}</td>"
         f"<td>{r.sqnr_db:.2f}</td></tr>"
         for r in report.layers
