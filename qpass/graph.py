@@ -128,15 +128,22 @@ def _set_weights_aside(graph: ir.Graph) -> dict[str, tuple[ir.Value, ir.TensorPr
 
 def _carry_annotations(old: ir.Graph, new: ir.Graph) -> None:
     nodes = {node.name: node for node in new if node.name}
-    values = {v.name: v for v in (*new.inputs, *new.initializers.values())}
-    values.update((v.name, v) for node in new for v in node.outputs)
     for node in old:
         if node.name in nodes:  # onnx's converter keeps names, not metadata_props
             nodes[node.name].meta.update(node.meta)
             nodes[node.name].metadata_props.update(node.metadata_props)
-        for value in node.outputs:
-            if value.meta and value.name in values:
-                values[value.name].meta.update(value.meta)
+    values = {v.name: v for v in all_values(new)}
+    for value in all_values(old):
+        if value.meta and value.name in values:
+            values[value.name].meta.update(value.meta)
+
+
+def all_values(graph: ir.Graph):
+    """The graph's inputs, initializers and node outputs (not those of subgraphs)."""
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
 
 
 def module_path(node: ir.Node) -> str:

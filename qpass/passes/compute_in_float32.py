@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.graph import is_op
+from qpass.graph import all_values, is_op
 from qpass.passes.base import Pass
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class ComputeInFloat32(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        if not any(_is_low(v) for v in _values(graph)):
+        if not any(_is_low(v) for v in all_values(graph)):
             return ir.passes.PassResult(model, modified=False)
         boundary = self._cast_inputs(graph) | self._cast_outputs(graph)
         for value in graph.initializers.values():
@@ -43,7 +43,7 @@ class ComputeInFloat32(Pass):
         for node in graph:
             if id(node) not in boundary:
                 _upcast_node(node)
-        for value in _values(graph):
+        for value in all_values(graph):
             if _is_low(value) and not value.is_graph_input() and (
                 id(value.producer()) not in boundary
             ):
@@ -82,13 +82,6 @@ class ComputeInFloat32(Pass):
             graph.outputs[index] = cast.outputs[0]
             casts.add(id(cast))
         return casts
-
-
-def _values(graph: ir.Graph):
-    yield from graph.inputs
-    yield from graph.initializers.values()
-    for node in graph:
-        yield from node.outputs
 
 
 def _is_low(value: ir.Value) -> bool:
