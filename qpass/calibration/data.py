@@ -48,6 +48,7 @@ class CalibrationData:
                     f"the model's batch size is fixed at {size}: give at least {size} "
                     "calibration samples"
                 )
+        self._ranges: dict[str, tuple[float, float]] = {}  # float inputs: (min, max) seen
         self.feeds = [
             {name: self._check(name, array) for name, array in feed.items()} for feed in feeds
         ]
@@ -154,16 +155,14 @@ class CalibrationData:
                     f"calibration input {name!r} spans {low:.3g} to {high:.3g}: its range "
                     "overflows float32 scales; rescale the data"
                 )
+            seen = self._ranges.get(name, (low, high))
+            self._ranges[name] = (min(low, seen[0]), max(high, seen[1]))
         return array
 
     def _warn_constant_inputs(self) -> None:
         """Log a warning for each float input that holds one value in every sample."""
-        for name in self.inputs:
-            arrays = [feed[name] for feed in self.feeds]
-            if arrays[0].dtype.kind != "f" or not arrays[0].size:
-                continue
-            low = min(float(a.min()) for a in arrays)
-            if low == max(float(a.max()) for a in arrays):
+        for name, (low, high) in self._ranges.items():
+            if low == high:
                 logger.warning(
                     "calibration input %r holds the value %g in every sample: the ranges it "
                     "gives describe no real data", name, low,
