@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qpass import presets, targets
-from qpass.errors import QpassError
+from qpass.errors import QpassError, first_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a qpass bug, not the input's fault: one line and a traceback file
         if args.debug:
             traceback.print_exc()
-        print(f"qpass: internal error: {type(e).__name__}: {_first_line(e)}; the traceback is "
+        print(f"qpass: internal error: {type(e).__name__}: {first_line(e)}; the traceback is "
               f"in {_save_traceback()} (--debug prints it)", file=sys.stderr)
         return 1
 
@@ -76,10 +76,6 @@ def _signals_interrupt():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _save_traceback() -> str:

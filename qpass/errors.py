@@ -23,3 +23,9 @@ class LintError(QpassError):
     def __init__(self, message: str, findings: list) -> None:
         super().__init__(message)
         self.findings = list(findings)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), or its type's name:
+    how a library's multi-line error is quoted in qpass's one-line messages."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

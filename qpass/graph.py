@@ -11,7 +11,7 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 
-from qpass.errors import ModelError
+from qpass.errors import ModelError, first_line
 from qpass.metadata import TORCH_NAME_SCOPES
 
 MS_DOMAIN = "com.microsoft"
@@ -93,9 +93,8 @@ def raise_opset(model: ir.Model, version: int) -> None:
     except Exception as e:  # onnx raises its own errors for ops it cannot convert
         for value, tensor in weights.values():
             value.const_value = tensor
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelError(
-            f"cannot convert the model from opset {current} to {version}: {reason}"
+            f"cannot convert the model from opset {current} to {version}: {first_line(e)}"
         ) from e
     # The old graph keeps the references without data: the weights live in the new one alone,
     # and are freed as soon as a pass replaces them (not when a garbage collection finds the

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from qpass.errors import ModelError
+from qpass.errors import ModelError, first_line
 
 CUSTOM_OP_LIBRARIES: list[str] = []
 """Custom-op libraries (.so/.dll) every session of this process loads (`use_custom_ops`)."""
@@ -72,8 +72,7 @@ def session(
             ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.NotImplemented) as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ModelError(f"ONNX Runtime cannot load the model: {reason}") from e
+        raise ModelError(f"ONNX Runtime cannot load the model: {first_line(e)}") from e
 
 
 def optimized_op_types(model: bytes | str | os.PathLike) -> dict[str, int]:
