@@ -377,3 +377,24 @@ def test_broken_graphs_and_scalar_calibration(tmp_path, tiny_calibration, capsys
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("scale", [np.inf, 0.0, -1.0])
+def test_a_scale_that_is_not_finite_and_positive_is_refused(scale):
+    import onnx_ir as ir
+
+    from qpass.checks import check_scales
+
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="x_q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="x_dq"),
+    ]
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits,
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(qpass.QpassError, match="x_q: scale .* is not finite and positive"):
+        check_scales(model)
