@@ -396,5 +396,5 @@ def test_a_scale_that_is_not_finite_and_positive_is_refused(scale):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits,
     )
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    with pytest.raises(qpass.QpassError, match="x_q: scale .* is not finite and positive"):
+    with pytest.raises(qpass.QpassError, match=r"x_q: scale .* is not finite and positive"):
         check_scales(model)
