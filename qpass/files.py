@@ -28,7 +28,8 @@ def check_outputs(
     inputs = [("the input model", Path(model))]
     if calibration is not None:
         inputs.append(("the calibration file", Path(calibration)))
-    if any(path.exists() for path in written.values()):  # a new name is no existing input
+    existing = [path for path in written.values() if path.exists()]  # a new name is no input
+    if any(_mentions(Path(model), path.name) for path in existing):
         inputs += [("the input model's external data", p) for p in _external_data(model)]
     for what, path in written.items():
         for name, source in inputs:
@@ -98,6 +99,21 @@ def _same(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist
         return False
+
+
+def _mentions(path: Path, name: str, chunk: int = 1 << 20) -> bool:
+    """Whether the file's bytes contain `name` (read in chunks: an external data location is
+    stored in the model as text; a file that never names it cannot refer to it)."""
+    needle, tail = name.encode(), b""
+    try:
+        with path.open("rb") as f:
+            while block := f.read(chunk):
+                if needle in tail + block:
+                    return True
+                tail = block[-len(needle) :]
+    except OSError:
+        return False
+    return False
 
 
 def _external_data(model: Path) -> list[Path]:
