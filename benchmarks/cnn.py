@@ -22,8 +22,11 @@ Per-tensor INT8 weights: ORT MinMax with per_channel=False, and qpass's `int8-te
 without and with cross-layer equalization, high-bias absorption and bias correction (both from a
 second export that keeps BatchNormalization, whose statistics high-bias absorption reads).
 
-W4A8 (per-channel INT4 weights, U8 activations): qpass's `w4a8-rtn` (round to nearest) and `w4a8`
-(AdaRound on blocks of layers, and with `--block-layers 1` layer by layer) presets. ONNX
+W4A8 (per-channel INT4 weights, U8 activations): qpass's `w4a8-rtn` (round to nearest), `w4a8`
+(AdaRound on blocks of layers, and with `--block-layers 1` layer by layer) and `w4a8-obq` (OBQ;
+with `--max-row 1` every layer takes GPTQ's update instead: GPTQ on the same grid) presets;
+W3A8 the same with `--bits 3`. The OBQ rows also print each layer's output error with OBQ's,
+GPTQ's and round to nearest's weights (the `OBQ` pass's `errors`). ONNX
 Runtime has no INT4 convolution: the int4 weights go through opset-21 DequantizeLinear and the
 convolutions run in float. `--rows TEXT...` runs FP32 and only the rows
 whose label contains one of the texts (e.g. `--rows W4A8`).
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -68,7 +72,12 @@ PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
 # round to nearest vs AdaRound
 W4A8_ROWS = (("qpass W4A8 RTN", "qpass", "w4a8-rtn"),
              ("qpass W4A8 AdaRound layer by layer", "qpass", "w4a8:block_layers=1"),
-             ("qpass W4A8 AdaRound blocks", "qpass", "w4a8"))
+             ("qpass W4A8 AdaRound blocks", "qpass", "w4a8"),
+             ("qpass W4A8 GPTQ (OBQ pass, max_row 1)", "qpass", "w4a8-obq:max_row=1"),
+             ("qpass W4A8 OBQ", "qpass", "w4a8-obq"))
+# W3A8: the same with 3-bit weights (8 levels of INT4)
+W3A8_ROWS = tuple((label.replace("W4A8", "W3A8"), tool, f"{method}:bits=3")
+                  for label, tool, method in W4A8_ROWS)
 # FP8 E4M3 and FP4-weight W4A8, ONNX Runtime simulation: "PRESET[:SCALE_CONSTRAINT]"
 # "fl9+bc": the first 9 weighted layers in float and bias correction (the fp8 preset's options)
 _FL9_BC = "float_layers=9:correct_bias=true"
@@ -110,7 +119,9 @@ def _ort_reader(calib: np.ndarray, name: str, batch: int):
 
 
 def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str) -> int:
-    """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB)."""
+    """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB) (and the
+    per-layer errors of an OBQ compile)."""
+    extra = {}
     if tool == "ort":
         import onnxruntime as ort
         from onnxruntime.quantization import (
@@ -133,6 +144,19 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         )
         if variant == "float-logits":
             _remove_output_qdq(out)
+        rc = 0
+    elif method.startswith("w4a8-obq"):  # through the API, to keep the per-layer errors
+        import qpass
+        from qpass import presets
+        from qpass.passes import OBQ
+
+        options = dict(option.split("=") for option in method.split(":")[1:])
+        passes = presets.passes("w4a8-obq", **{k: int(v) for k, v in options.items()})
+        obq = next(p for p in passes if isinstance(p, OBQ))
+        start = time.perf_counter()
+        qpass.compile(model, passes, calibration=calib, batch_size=int(batch),
+                      progress=False).save(out)
+        extra["layer_errors"] = {name: dataclasses.asdict(e) for name, e in obq.errors.items()}
         rc = 0
     elif method == "int8-tensor-plain":  # per-tensor baseline: the preset without its DFQ passes
         import qpass
@@ -163,7 +187,7 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
     wall = time.perf_counter() - start
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb() or maxrss_mb,
-                      "ru_maxrss_mb": maxrss_mb, "rc": rc}))
+                      "ru_maxrss_mb": maxrss_mb, "rc": rc, **extra}))
     return rc
 
 
@@ -298,7 +322,7 @@ def bench_model(model: str, work: Path, quick: bool, only: list[str] | None = No
     specs += [("qpass" if m == "default" else f"qpass {m}", "qpass", m) for m in QPASS_METHODS]
     specs += [FLOAT_LOGITS_ROW]
     specs += list(PER_TENSOR_ROWS)
-    specs += list(W4A8_ROWS)
+    specs += list(W4A8_ROWS) + list(W3A8_ROWS)
     specs += list(FLOAT_FORMAT_ROWS) if model == "efficientnet_lite0" else []
     if only:
         specs = [s for s in specs if s[1] == "fp32" or any(o in s[0] for o in only)]
@@ -397,6 +421,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(join(ln) for ln in [header, *lines])
 
 
+def layer_error_table(rows: list[dict]) -> str:
+    """Per-layer output errors of the OBQ rows: OBQ, GPTQ (decreasing diag H, and input order),
+    round to nearest, and what the pass kept (OBQ's or GPTQ's integers per row)."""
+    lines = []
+    for r in rows:
+        errors = r.get("layer_errors")
+        if not errors or r["method"].endswith("max_row=1"):
+            continue
+        lines += [f"\n{r['row']}: layer output errors (mean squared, summed over outputs)",
+                  f"{'layer':<14} {'OBQ':>10} {'GPTQ':>10} {'GPTQ in':>10} {'RTN':>10} "
+                  f"{'kept':>10} {'GPTQ rows':>9}  OBQ<GPTQ"]
+        for name, e in errors.items():
+            lines.append(f"{name:<14} {e['obq']:10.4g} {e['gptq']:10.4g} "
+                         f"{e['gptq_input_order']:10.4g} {e['nearest']:10.4g} {e['kept']:10.4g} "
+                         f"{100 * e['gptq_rows']:8.0f}%  {e['obq'] < e['gptq']}")
+        wins = sum(e["obq"] < e["gptq"] for e in errors.values())
+        lines.append(f"OBQ below GPTQ on {wins} of {len(errors)} layers; kept below GPTQ on "
+                     f"{sum(e['kept'] < e['gptq'] for e in errors.values())}")
+    return "\n".join(lines)
+
+
 def versions() -> dict:
     """Versions of the packages that decide the numbers."""
     import onnx
@@ -451,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             n_eval = model_rows[0]["n_eval"]
             print(f"\n== {model}: top-1 on {n_eval} images; ORT* = best-accuracy ORT row ==")
             print(table(model_rows), flush=True)
+            print(layer_error_table(model_rows), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": command, "versions": info, "quick": args.quick,
               "calibration_batch": BATCH, "rows": rows}
