@@ -3,6 +3,7 @@ below round to nearest's, and with the per-row choice (rule 5) at most GPTQ's on
 the w4a8-obq preset (4 and 3 bits) compiles into models ONNX Runtime runs, on random graphs and
 on ResNet20."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import run_onnx, sqnr_db, tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 from qpass.runtime import onnxruntime as rt
 
+import qpass
 from qpass.calibration import Context
 from qpass.cli import main
 from qpass.errors import QpassError
@@ -249,3 +251,30 @@ def test_every_resnet20_layer_is_at_most_gptqs(real_models, bits):
     reference = run_onnx(proto, {"input": images})[0].argmax(1)
     agreement = np.mean(run_onnx(ir.to_proto(model), {"input": images})[0].argmax(1) == reference)
     assert agreement > (0.85 if bits == 4 else 0.6), agreement
+
+
+# ---------------------------------------------------------------- W3A8 (3 of INT4's 4 bits)
+
+
+def test_a_3_bit_scheme_narrows_the_int4_grid():
+    scheme = weight_scheme(3)
+    assert (scheme.qmin, scheme.qmax, scheme.dtype) == (-4, 3, "int4")
+    scale, zero = scheme.scale_zero_point(np.array([-0.7]), np.array([0.35]))
+    assert scale[0] == pytest.approx(0.2) and zero[0] == 0
+    q = scheme.quantize(np.array([-0.9, -0.75, 0.35, 0.9]), scale, zero).astype(int)
+    assert list(q) == [-4, -4, 2, 3]  # saturates at the 3-bit ends
+    with pytest.raises(ValueError, match="precision"):
+        dataclasses.replace(scheme, dtype="float8e4m3fn")
+    with pytest.raises(ValueError, match="precision"):
+        dataclasses.replace(scheme, precision=4)
+
+
+@pytest.mark.parametrize("block_layers", [1, 4])
+def test_w3a8_adaround_keeps_every_integer_on_the_3_bit_grid(tiny_calibration, block_layers):
+    compiled = qpass.compile(tiny_cnn(2, channels=16), preset="w4a8", bits=3, iterations=30,
+                             block_layers=block_layers, calibration=tiny_calibration,
+                             progress=False)
+    integers = weight_integers(ir.from_proto(onnx.load_from_string(compiled.to_bytes())))
+    assert len(integers) == 3
+    for q in integers.values():
+        assert q.astype(int).min() >= -4 and q.astype(int).max() <= 3
