@@ -121,20 +121,9 @@ class OBQ(AdaRound):
         chosen = np.empty(weight.shape)
         errors, from_gptq = np.zeros(5), 0
         for g in range(shape.groups):
-            x = inputs[g].astype(np.float64)
-            hessian = x.T @ x / max(len(x), 1)
-            grid = (scale[g], zero[g], limits)
-            damped, w = damped_hessian(hessian, weight[g], self.damp)
-            act_order = np.argsort(-np.diag(damped), kind="stable")
-            gptq = gptq_integers(w, damped, *grid, order=act_order)
-            in_order = gptq_integers(w, damped, *grid, order=np.arange(shape.depth))
-            obq = obq_integers(w, damped, *grid, memory=self.memory) if exact else gptq
-            nearest = np.clip(np.rint(weight[g] / scale[g]) + zero[g], *limits)
-            rows = [row_errors(weight[g], (q - zero[g]) * scale[g], hessian)
-                    for q in (obq, gptq, in_order, nearest)]
-            better = rows[1] < rows[0] if self.best_of_gptq else np.zeros(len(obq), bool)
-            chosen[g] = np.where(better[:, None], gptq, obq)
-            errors += [*(r.sum() for r in rows), np.where(better, rows[1], rows[0]).sum()]
+            chosen[g], group_errors, better = self._quantize_group(
+                inputs[g], weight[g], scale[g], zero[g], limits, exact)
+            errors += group_errors
             from_gptq += int(better.sum())
         learned = shape.original(chosen, integers.shape).astype(integers.dtype)
         layer.dq.replace_input_with(0, set_constant(model.graph, layer.dq.inputs[0], learned))
@@ -145,6 +134,25 @@ class OBQ(AdaRound):
                     result.gptq, result.gptq_input_order, result.nearest, result.kept,
                     100 * result.gptq_rows)
         return result
+
+
+    def _quantize_group(self, x, weight, scale, zero, limits, exact: bool):
+        """Rules 1-5 for one convolution group: (kept integers, errors of OBQ, GPTQ, GPTQ in input
+        order, round to nearest and the kept ones, rows where GPTQ's were kept)."""
+        x = x.astype(np.float64)
+        hessian = x.T @ x / max(len(x), 1)
+        grid = (scale, zero, limits)
+        damped, w = damped_hessian(hessian, weight, self.damp)
+        gptq = gptq_integers(w, damped, *grid, order=np.argsort(-np.diag(damped), kind="stable"))
+        in_order = gptq_integers(w, damped, *grid, order=np.arange(len(damped)))
+        obq = obq_integers(w, damped, *grid, memory=self.memory) if exact else gptq
+        nearest = np.clip(np.rint(weight / scale) + zero, *limits)
+        rows = [row_errors(weight, (q - zero) * scale, hessian)
+                for q in (obq, gptq, in_order, nearest)]
+        better = rows[1] < rows[0] if self.best_of_gptq else np.zeros(len(obq), bool)
+        kept = np.where(better[:, None], gptq, obq)
+        errors = [*(r.sum() for r in rows), np.where(better, rows[1], rows[0]).sum()]
+        return kept, np.array(errors), better
 
 
 def damped_hessian(hessian: np.ndarray, weight: np.ndarray, damp: float):
