@@ -1,5 +1,5 @@
-"""Models with external data: compiled from any working directory, their outputs self-contained,
-(refused ones: the bad-input suite in test_bad_input.py)."""
+"""Models with external data: compiled from any working directory, their outputs self-contained
+(data that is missing or outside the model's folder: the bad-input suite, test_bad_input.py)."""
 
 from __future__ import annotations
 
