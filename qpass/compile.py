@@ -132,9 +132,10 @@ def compile(
     elif options:
         raise QpassError(f"options {sorted(options)} are a preset's: give them without passes=")
     calibrated = [p for p in passes if isinstance(p, CalibratedPass) and p.context is None]
-    if calibrated and calibration is None:
+    needing = [p for p in calibrated if not p.calibration_optional]
+    if needing and calibration is None:
         raise CalibrationError(
-            f"{calibrated[0]!r} needs calibration data: pass calibration=... (an .npz file with "
+            f"{needing[0]!r} needs calibration data: pass calibration=... (an .npz file with "
             "one array per model input, or an iterable of input dicts)"
         )
     for library in custom_op_libraries:

@@ -313,8 +313,9 @@ def _half_bytes(half):
 def _scale_bytes_k4(sc, m):
     """Q4_K/Q5_K's 12 bytes of eight 6-bit scales and mins."""
     sc, m = sc.astype(np.uint8), m.astype(np.uint8)
-    low = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6)], 1)
-    return np.concatenate([low, (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)], 1)
+    scales = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    mins = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    return np.concatenate([scales, mins, (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)], 1)
 
 
 def _scale_bytes_q3(sc):
