@@ -57,6 +57,15 @@ class CompiledModel:
             ir.save(self.model, temporary, external_data=data.name)
         return path
 
+    def save_gguf(self, path: str | os.PathLike, config, tokenizer=None, **options) -> Path:
+        """Write a Llama-family decoder captured from transformers as a GGUF file: the weights
+        a ggml preset quantized as their ggml bytes, the rest in float; `config` the source's
+        transformers config, `tokenizer` a GGUF file to copy the tokenizer from
+        (`qpass.export_gguf.save_gguf`)."""
+        from qpass.export_gguf import save_gguf
+
+        return save_gguf(self.model, path, config, tokenizer, **options)
+
     def session(self, threads: int | None = None):
         """An ONNX Runtime session running the compiled model (cached for the default settings)."""
         if threads is not None:
