@@ -1,9 +1,10 @@
 """GGUF export of a Llama-family decoder captured from transformers and compiled by qpass.
 
 The tensors are found by the torch module paths the capture records on each node
-(`qpass.graph.module_path`): `model.embed_tokens` (Gather), `model.layers.N.self_attn.{q,k,v,o}_proj`
-and `mlp.{gate,up,down}_proj` (MatMul), the RMSNorm weights of `input_layernorm`,
-`post_attention_layernorm` and `model.norm` (the Mul by a constant [hidden] vector), `lm_head`.
+(`qpass.graph.module_path`): `model.embed_tokens` (Gather),
+`model.layers.N.self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` (MatMul), the
+RMSNorm weights of `input_layernorm`, `post_attention_layernorm` and `model.norm` (the Mul by a
+constant [hidden] vector), `lm_head`.
 A MatMul that `QuantizeGGML` quantized is written as its ggml bytes (exactly the weights the
 ONNX model computes with); every other tensor in float (F32 unless told). A final projection
 that reads the embedding table (tied) is left out, as llama.cpp and transformers expect.
@@ -130,9 +131,8 @@ def _tensors(model: ir.Model, config, float_type: str) -> dict:
             if table is not None:
                 found[tensor] = (table.astype(dtype), None)
         elif is_op(node, "Mul") and tensor.endswith("norm.weight"):
-            vector = next((constant(v) for v in node.inputs
-                           if constant(v) is not None and constant(v).shape == (config.hidden_size,)),
-                          None)
+            vectors = [constant(v) for v in node.inputs if constant(v) is not None]
+            vector = next((v for v in vectors if v.shape == (config.hidden_size,)), None)
             if vector is not None:
                 found[tensor] = (vector.astype(np.float32), None)
     return found
