@@ -123,7 +123,8 @@ def quantize(x: np.ndarray, type: str, importance: np.ndarray | None = None) -> 
             raise ValueError(f"importance must have shape ({cols},), not {importance.shape}")
         weights = np.broadcast_to(importance.reshape(-1, size), (rows, cols // size, size))
         weights = weights.reshape(-1, size)
-    data, q, scale, minimum = _QUANTIZERS[type](blocks, weights)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN in, as in ggml: garbage out
+        data, q, scale, minimum = _QUANTIZERS[type](blocks, weights)
     positive = _positive_scales(q, scale)
     return Quantized(
         type,
