@@ -114,10 +114,13 @@ def _tensors(model: ir.Model, config, float_type: str) -> dict:
         tensor = gguf_name(node)
         if tensor is None or tensor in found:
             continue
-        if is_op(node, "MatMul"):
+        if is_op(node, "MatMul") or node.op_type == "MatMulNBits":
             quantized = node.meta.get(GGML_WEIGHT)
             if quantized is not None:
                 rows, raw = quantized.data, quantized.ggml_type
+            elif node.op_type == "MatMulNBits":
+                raise QpassError(f"GGUF export: {tensor} was lowered to MatMulNBits after "
+                                 "quantization; export from the dq form (--format dq)")
             else:
                 weight = constant(node.inputs[1])
                 if weight is None:  # tied to the embeddings, or not a weight

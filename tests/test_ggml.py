@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import sqnr_db
+from conftest import relative_error, sqnr_db
 from gguf import GGML_QUANT_SIZES, GGUFReader, quants
 from onnx import TensorProto, helper, numpy_helper
 
@@ -17,7 +17,7 @@ import qpass
 from qpass import ggml
 from qpass.errors import QpassError
 from qpass.graph import module_path
-from qpass.passes import QuantizeGGML
+from qpass.passes import LowerToMatMulNBits, QuantizeGGML
 from qpass.passes.ggml_weights import GGML_WEIGHT, use_more_bits
 
 K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
@@ -203,6 +203,22 @@ def test_pass_sqnr_on_a_random_mlp(type, bound):
     assert sqnr_db(reference, out) > bound
 
 
+@pytest.mark.parametrize("type", ["q2_k", "q4_k", "q5_k", "q8_0", "q6_k", "q3_k"])
+def test_matmulnbits_form_matches_the_dq_form(type):
+    """The mins as MatMulNBits' float zero points: (q - min / s) * s, equal to q * s - min up to
+    float32 rounding; the types without mins lowered by LowerToMatMulNBits."""
+    x = np.random.default_rng(8).standard_normal((16, 512)).astype(np.float32)
+    dq = qpass.compile(mlp(), passes=[QuantizeGGML(type, lm_head=True)]).run({"x": x})[0]
+    nbits = qpass.compile(mlp(), passes=[QuantizeGGML(type, lm_head=True, format="matmulnbits"),
+                                         LowerToMatMulNBits(accuracy_level_8bit=0)])
+    ops = [n.op_type for n in nbits.model.graph]
+    if type == "q5_k":  # 8 bits: ORT's CPU kernel refuses float zero points; DQ and Sub stay
+        assert ops.count("MatMulNBits") == 0 and ops.count("Sub") == 2
+    else:
+        assert ops == ["MatMulNBits", "Relu", "MatMulNBits"]
+    assert relative_error(nbits.run({"x": x})[0], dq) < 1e-5
+
+
 def test_rows_without_a_k_quant_fall_back_or_stay_float():
     """K = 96: Q4_K falls back to q5_0 (llama.cpp's rule); Q3_K has no fallback here: float."""
     fallback = qpass.compile(mlp(96), passes=[QuantizeGGML("q4_k", lm_head=True)])
@@ -252,6 +268,20 @@ def test_presets_on_a_llama(llama, ids, preset, bound):
     quantized = [n for n in compiled.model.graph if GGML_WEIGHT in n.meta]
     assert len(quantized) == 2 * 7 + 1  # every projection and lm_head
     assert sqnr_db(reference, compiled.run({"input_ids": ids})[0]) > bound
+
+
+def test_q4_k_m_matmulnbits_form(llama, ids, tmp_path):
+    """--format matmulnbits: every projection a MatMulNBits (Q4_K with float zero points; Q6_K and
+    the q8_0 fallback 8-bit), logits as the dq form's up to float rounding and the 8-bit
+    layers' int8 activations (accuracy level 4); GGUF export needs the dq form."""
+    model, captured = llama
+    dq = qpass.compile(captured, preset="q4_k_m", progress=False).run({"input_ids": ids})[0]
+    nbits = qpass.compile(captured, preset="q4_k_m", format="matmulnbits", progress=False)
+    ops = [n.op_type for n in nbits.model.graph]
+    assert ops.count("MatMulNBits") == 15 and "DequantizeLinear" not in ops
+    assert sqnr_db(dq, nbits.run({"input_ids": ids})[0]) > 30
+    with pytest.raises(QpassError, match="export from the dq form"):
+        nbits.save_gguf(tmp_path / "x.gguf", model.config)
 
 
 def test_q4_k_m_mix_and_importance(llama, ids):

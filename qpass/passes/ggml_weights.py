@@ -10,7 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass import ggml
-from qpass.graph import constant, initializer, module_path
+from qpass.graph import MS_DOMAIN, constant, initializer, module_path
+from qpass.packing import pack_matmulnbits
 from qpass.passes.base import CalibratedPass, keep_float
 from qpass.passes.matmul_weights import (
     block_index,
@@ -93,7 +94,15 @@ class QuantizeGGML(CalibratedPass):
        [K/g, g, N], the sub-block mins dmin * m [K/g, 1, N] subtracted, and reshaped back.
        DequantizeLinear's zero points are integers and cannot hold a float min exactly; the
        Sub keeps the product q * s - min that ggml computes, bit for bit.
-    4. The MatMul keeps the `qpass.ggml.Quantized` (GGUF bytes) in `node.meta[GGML_WEIGHT]`.
+    4. With `format="matmulnbits"`, a 4-bit type with mins (Q2_K, Q4_K) instead: MatMul(x, W)
+       ==>  MatMulNBits(x, B, s, z; bits 4, block_size g) with float zero points z = min / s:
+       ONNX Runtime's CPU kernel (1.32) takes 4-bit zero points of the scales' type and
+       computes (q - z) * s, equal to q * s - min up to float32 rounding (not bit for bit). It
+       refuses float zero points with 8-bit weights ("MatMulNBits on CPU does not support 8-bit
+       weights with floating-point zero points"): Q5_K keeps the DequantizeLinear and Sub form.
+       The types without mins stay DequantizeLinear -> MatMul, which `LowerToMatMulNBits` packs
+       (4 bits: Q3_K; 8 bits: q8_0, q5_0, Q6_K).
+    5. The MatMul keeps the `qpass.ggml.Quantized` (GGUF bytes) in `node.meta[GGML_WEIGHT]`.
 
     With calibration data (and `importance`), each MatMul input's mean squared activation per
     channel (llama.cpp's importance matrix, computed on the float model) weights the rounding
@@ -109,8 +118,12 @@ class QuantizeGGML(CalibratedPass):
         exclude: frozenset[str] = frozenset(),
         lm_head: bool = False,
         importance: bool = True,
+        format: str = "dq",
     ):
         super().__init__()
+        if format not in ("dq", "matmulnbits"):
+            raise ValueError(f"format must be 'dq' or 'matmulnbits', not {format!r}")
+        self.format = format
         if type not in ggml.TYPES and type not in MIXES:
             raise ValueError(
                 f"unknown ggml type {type!r}; choose one of {', '.join(ggml.TYPES + tuple(MIXES))}"
@@ -141,7 +154,11 @@ class QuantizeGGML(CalibratedPass):
                 continue
             weight = constant(node.inputs[1])
             quantized = ggml.quantize(weight.T, stored, importance.get(node.inputs[0].name))
-            read_through(model.graph, node, quantized)
+            four_bit_mins = quantized.min is not None and STORAGE[stored] == ir.DataType.UINT4
+            if four_bit_mins and self.format == "matmulnbits":
+                matmulnbits_with_mins(model, node, quantized)
+            else:
+                read_through(model.graph, node, quantized)
             done += 1
         logger.info("ggml %s: %d MatMul weights%s", self.type, done,
                     " (importance matrix)" if importance else "")
@@ -188,3 +205,32 @@ def read_through(graph: ir.Graph, matmul: ir.Node, quantized: ggml.Quantized) ->
     if old.is_initializer() and not old.uses() and not old.is_graph_output():
         graph.initializers.pop(old.name)
 
+
+
+def matmulnbits_with_mins(model: ir.Model, matmul: ir.Node, quantized: ggml.Quantized) -> None:
+    """MatMul(x, W)  ==>  MatMulNBits(x, B, scales, float zero points min / scale): a 4-bit type
+    with mins (Q2_K, Q4_K), packed as `qpass.packing` packs blockwise weights."""
+    graph, g = model.graph, quantized.group
+    q = np.ascontiguousarray(quantized.q.T).astype(ir.DataType.UINT4.numpy())  # [K, N], 0..15
+    k, n = q.shape
+    b, scales, _ = pack_matmulnbits(q, quantized.scale.T, None, g)
+    zero = (quantized.min / quantized.scale).astype(np.float32)  # [N, K/g]
+    base = matmul.name or "weight"
+    inputs = [initializer(graph, f"{base}.B", b), initializer(graph, f"{base}.scales", scales),
+              initializer(graph, f"{base}.zero_points", zero)]
+    fused = ir.node("MatMulNBits", [matmul.inputs[0], *inputs],
+                    {"K": k, "N": n, "bits": 4, "block_size": g},
+                    domain=MS_DOMAIN, name=matmul.name)
+    fused.metadata_props.update(matmul.metadata_props)
+    fused.meta[GGML_WEIGHT] = quantized
+    graph.insert_before(matmul, fused)
+    out = matmul.outputs[0]
+    fused.outputs[0].dtype, fused.outputs[0].shape = out.dtype, out.shape
+    ir.convenience.replace_all_uses_with(out, fused.outputs[0], replace_graph_outputs=True)
+    name, old = out.name, matmul.inputs[1]
+    graph.remove(matmul, safe=True)
+    out.name = None
+    fused.outputs[0].name = name
+    if old.is_initializer() and not old.uses() and not old.is_graph_output():
+        graph.initializers.pop(old.name)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)

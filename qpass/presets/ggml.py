@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qpass.passes import QuantizeGGML
+from qpass.passes import LowerToMatMulNBits, QuantizeGGML
 from qpass.presets import Option, preset
 from qpass.targets import Target
 
@@ -14,13 +14,20 @@ OPTIONS = (
            "quantizes it: q8_0 in q8_0, Q4_K_M in Q6_K); else float", True),
     Option("importance", bool, "with --calib, weight the rounding by each input channel's mean "
            "squared activation (llama.cpp's imatrix)", True),
+    Option("format", str, "blockwise DequantizeLinear -> MatMul, mins by an exact Sub (dq), or "
+           "ONNX Runtime's MatMulNBits (the k-quants' mins as float zero points)", "dq",
+           choices=("dq", "matmulnbits")),
 )
 
 
 def _build(type: str):
-    def build(target: Target, exclude: frozenset[str], lm_head: bool, importance: bool
-              ) -> list[ir.passes.PassBase]:
-        return [QuantizeGGML(type, exclude=exclude, lm_head=lm_head, importance=importance)]
+    def build(target: Target, exclude: frozenset[str], lm_head: bool, importance: bool,
+              format: str) -> list[ir.passes.PassBase]:
+        passes = [QuantizeGGML(type, exclude=exclude, lm_head=lm_head, importance=importance,
+                               format=format)]
+        if format == "matmulnbits":  # the types without mins, from DequantizeLinear -> MatMul
+            passes.append(LowerToMatMulNBits())
+        return passes
 
     return build
 
