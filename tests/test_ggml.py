@@ -227,6 +227,20 @@ def test_rows_without_a_k_quant_fall_back_or_stay_float():
     assert ggml_types(floating) == {"fc2": "q3_k"}
 
 
+def test_cli(tmp_path, capsys):
+    from qpass import cli
+
+    model, calib, out = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
+    ir.save(mlp(), model)
+    np.savez(calib, x=np.random.default_rng(9).standard_normal((8, 512)).astype(np.float32))
+    assert cli.main(["compile", str(model), "-o", str(out), "--preset", "q4_k_m", "--calib",
+                     str(calib), "--format", "matmulnbits", "-q"]) == 0
+    assert [n.op_type for n in ir.load(out).graph] == ["MatMulNBits", "Relu", "MatMulNBits"]
+    assert cli.main(["compile", str(model), "-o", str(out), "--preset", "q8_0",
+                     "--format", "plugin", "-q"]) == 2
+    assert "not plugin" in capsys.readouterr().err
+
+
 def test_unknown_type_refused():
     with pytest.raises(ValueError, match="unknown ggml type 'q7_k'"):
         QuantizeGGML("q7_k")

@@ -7,24 +7,24 @@ import onnx_ir as ir
 
 from qpass.passes import LowerToMatMulNBits, QuantizeGGML
 from qpass.presets import Option, preset
+from qpass.presets.weight_only import FORMAT
 from qpass.targets import Target
 
 OPTIONS = (
-    Option("lm_head", bool, "the final projection in the preset's format too (llama.cpp "
-           "quantizes it: q8_0 in q8_0, Q4_K_M in Q6_K); else float", True),
+    Option("float_lm_head", bool, "keep the final projection in float (llama.cpp quantizes it: "
+           "q8_0 in q8_0, Q4_K_M in Q6_K)", False),
     Option("importance", bool, "with --calib, weight the rounding by each input channel's mean "
            "squared activation (llama.cpp's imatrix)", True),
-    Option("format", str, "blockwise DequantizeLinear -> MatMul, mins by an exact Sub (dq), or "
-           "ONNX Runtime's MatMulNBits (the k-quants' mins as float zero points)", "dq",
-           choices=("dq", "matmulnbits")),
+    FORMAT,  # dq: the mins by an exact Sub; matmulnbits: Q2_K/Q4_K mins as float zero points
 )
 
-
 def _build(type: str):
-    def build(target: Target, exclude: frozenset[str], lm_head: bool, importance: bool,
+    def build(target: Target, exclude: frozenset[str], float_lm_head: bool, importance: bool,
               format: str) -> list[ir.passes.PassBase]:
-        passes = [QuantizeGGML(type, exclude=exclude, lm_head=lm_head, importance=importance,
-                               format=format)]
+        if format == "plugin":
+            raise ValueError("ggml formats are lowered to dq or matmulnbits, not plugin")
+        passes = [QuantizeGGML(type, exclude=exclude, lm_head=not float_lm_head,
+                               importance=importance, format=format)]
         if format == "matmulnbits":  # the types without mins, from DequantizeLinear -> MatMul
             passes.append(LowerToMatMulNBits())
         return passes
