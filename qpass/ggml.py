@@ -34,7 +34,8 @@ bit, as gguf-py's `quants.quantize` does); the k-quants' searches:
   super-block, on `make_qkx3_quants`'s finer grid (rmin -0.9, step 0.05, 37 points).
 - Q6_K, Q3_K (signed scale per sub-block): `make_qx_quants`: the scale of the value of largest
   magnitude, nudged over 18 neighbours, keeping the one that maximizes (Σ w x l)² / Σ w l², w = x²
-  (or the importance weights).
+  (or the importance weights). q5_0 with an importance vector uses it too (weights importance *
+  sqrt(σ² + x²), σ² the row's mean square); q8_0 ignores importance, as llama.cpp does.
 - the sub-block scales (and mins) are quantized against the super-block's largest with
   round-to-nearest, and every value is rounded again against its final scale.
 
@@ -123,6 +124,9 @@ def quantize(x: np.ndarray, type: str, importance: np.ndarray | None = None) -> 
             raise ValueError(f"importance must have shape ({cols},), not {importance.shape}")
         weights = np.broadcast_to(importance.reshape(-1, size), (rows, cols // size, size))
         weights = weights.reshape(-1, size)
+        if type == "q5_0":  # llama.cpp's q5_0 weights: σ² is the row's mean square
+            sigma2 = np.repeat((x * x).mean(1), cols // size)[:, None]
+            weights = (weights * np.sqrt(sigma2 + blocks * blocks)).astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN in, as in ggml: garbage out
         data, q, scale, minimum = _QUANTIZERS[type](blocks, weights)
     positive = _positive_scales(q, scale)
@@ -340,10 +344,16 @@ def _q8_0(blocks, weights):
 
 
 def _q5_0(blocks, weights):
-    pick = np.abs(blocks).argmax(1)
-    peak = np.take_along_axis(blocks, pick[:, None], 1)[:, 0]
-    d = (peak / np.float32(-16)).astype(np.float32)
-    u = np.trunc(blocks * _inverse(d)[:, None] + np.float32(16.5)).astype(np.uint8).clip(0, 31)
+    if weights is not None:  # the weighted `make_qx_quants` search, rounded again against fp16 d
+        _, d = _f16(_signed_scale_search(blocks, 16, weights))
+        levels = np.clip(_nearest(blocks * _inverse(d)[:, None]), -16, 15)
+        u = (levels + 16).astype(np.uint8)
+    else:
+        pick = np.abs(blocks).argmax(1)
+        peak = np.take_along_axis(blocks, pick[:, None], 1)[:, 0]
+        d = (peak / np.float32(-16)).astype(np.float32)
+        u = np.trunc(blocks * _inverse(d)[:, None] + np.float32(16.5)).astype(np.uint8)
+        u = u.clip(0, 31)
     qs = (u[:, :16] & 0xF) | (u[:, 16:] << 4)
     qh = np.packbits(u >> 4, axis=1, bitorder="little")
     half, d32 = _f16(d)
