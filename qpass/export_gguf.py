@@ -148,7 +148,7 @@ def _hyperparameters(writer: GGUFWriter, config, name: str | None) -> None:
         raise QpassError(f"GGUF export: rope type {rope.get('rope_type')!r} is not written; "
                          "only Llama's default rotary embedding is")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_name(name or getattr(config, "name_or_path", "") or "qpass model")
+    writer.add_name(name or Path(getattr(config, "name_or_path", "") or "model").name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

