@@ -142,27 +142,29 @@ class QuantizeGGML(CalibratedPass):
         targets = weight_matmuls(model.graph, self.exclude, self.lm_head)
         importance = self._importance(model, targets)
         layers = 1 + max((block_index(n) or 0 for n in targets), default=0)
-        done = 0
-        for node in targets:
-            wanted = MIXES[self.type](node, layers) if self.type in MIXES else self.type
-            k = node.inputs[1].shape[0]
-            stored = ggml.storable(wanted, k)
-            if stored is None:
-                keep_float(node, f"{wanted} needs rows of a multiple of "
-                           f"{ggml.block_size(wanted)} input channels, not {k}")
-                logger.info("%s: %s does not fit K = %d; left in float", node.name, wanted, k)
-                continue
-            weight = constant(node.inputs[1])
-            quantized = ggml.quantize(weight.T, stored, importance.get(node.inputs[0].name))
-            four_bit_mins = quantized.min is not None and STORAGE[stored] == ir.DataType.UINT4
-            if four_bit_mins and self.format == "matmulnbits":
-                matmulnbits_with_mins(model, node, quantized)
-            else:
-                read_through(model.graph, node, quantized)
-            done += 1
+        done = sum(self._quantize(model, node, layers, importance) for node in targets)
         logger.info("ggml %s: %d MatMul weights%s", self.type, done,
                     " (importance matrix)" if importance else "")
         return ir.passes.PassResult(model, modified=done > 0)
+
+    def _quantize(self, model: ir.Model, node: ir.Node, layers: int, importance: dict) -> bool:
+        """One MatMul's weight in its type (or llama.cpp's fallback); False if left in float."""
+        wanted = MIXES[self.type](node, layers) if self.type in MIXES else self.type
+        k = node.inputs[1].shape[0]
+        stored = ggml.storable(wanted, k)
+        if stored is None:
+            keep_float(node, f"{wanted} needs rows of a multiple of {ggml.block_size(wanted)} "
+                       f"input channels, not {k}")
+            logger.info("%s: %s does not fit K = %d; left in float", node.name, wanted, k)
+            return False
+        weight = constant(node.inputs[1])
+        quantized = ggml.quantize(weight.T, stored, importance.get(node.inputs[0].name))
+        four_bit_mins = quantized.min is not None and STORAGE[stored] == ir.DataType.UINT4
+        if four_bit_mins and self.format == "matmulnbits":
+            matmulnbits_with_mins(model, node, quantized)
+        else:
+            read_through(model.graph, node, quantized)
+        return True
 
     def _importance(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, np.ndarray]:
         if self.context is None or not self.importance:
