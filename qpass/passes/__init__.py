@@ -11,6 +11,7 @@ from qpass.passes.fold_bn import FoldBatchNorm
 from qpass.passes.fold_constants import FoldConstants
 from qpass.passes.fold_pad import FoldPadIntoConv
 from qpass.passes.fuse_requant import FuseRequant
+from qpass.passes.ggml_weights import QuantizeGGML
 from qpass.passes.gptq import GPTQ
 from qpass.passes.insert_qdq import InsertQDQ
 from qpass.passes.keep_leading_float import KeepLeadingLayersFloat
@@ -51,6 +52,7 @@ __all__ = [
     "LowerToMatMulNBits",
     "PlaceFloat8ForOnnxRuntime",
     "QuantizeDynamicPerToken",
+    "QuantizeGGML",
     "QuantizeLMHead",
     "RoundToNearest",
     "SmoothQuant",
