@@ -75,8 +75,9 @@ W4A8_ROWS = (("qpass W4A8 RTN", "qpass", "w4a8-rtn"),
 # "fl9+bc": the first 9 weighted layers in float and bias correction (the fp8 preset's options)
 _FL9_BC = "float_layers=9:correct_bias=true"
 FLOAT_FORMAT_ROWS = (("qpass fp8", "qpass", "fp8"),
-                     ("qpass fp8 +bc", "qpass", "fp8:float:correct_bias=true"),
-                     ("qpass fp8 all convs", "qpass", "fp8:float:small_convs=true"),
+                     ("qpass fp8 no bc", "qpass", "fp8:float:correct_bias=false"),
+                     ("qpass fp8 all convs no bc", "qpass",
+                      "fp8:float:small_convs=true:correct_bias=false"),
                      ("qpass fp8 fl9+bc", "qpass", f"fp8:float:{_FL9_BC}"),
                      ("qpass fp8 fl9+bc pow2", "qpass", f"fp8:pow2:{_FL9_BC}"),
                      ("qpass fp8 fl9+bc pow2-group", "qpass", f"fp8:pow2-group:{_FL9_BC}"),
@@ -179,10 +180,11 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         argv += [] if method.split(":")[0] in ("default", preset) else ["--calibrator", method]
         if preset in ("fp8", "w4a8-fp"):
             argv += ["--scale-constraint", extra.pop(0) if extra else "float"]
-        for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=true"
+        for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=false"
             key, value = option.split("=")
-            flag = f"--{key.replace('_', '-')}"
-            argv += [flag] if value == "true" else [flag, value]
+            flag = key.replace("_", "-")
+            switch = {"true": [f"--{flag}"], "false": [f"--no-{flag}"]}
+            argv += switch.get(value, [f"--{flag}", value])
         start = time.perf_counter()
         rc = cli.main(argv)
     wall = time.perf_counter() - start

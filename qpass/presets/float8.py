@@ -40,7 +40,7 @@ def _leading_float(count: int) -> list[ir.passes.PassBase]:
     options=(
         CALIBRATOR,
         SCALE_CONSTRAINT,
-        Option("correct_bias", bool, "empirical bias correction after quantization", False),
+        Option("correct_bias", bool, "empirical bias correction after quantization", True),
         FLOAT_LAYERS,
         Option("small_convs", bool, "quantize the convolutions FP8 kernels do not serve too "
                "(<= 16 channels, depthwise, filters above 32 taps); by default they stay float",
@@ -60,9 +60,9 @@ def fp8(
     """FP8 E4M3 (symmetric, scale = amax / 448): per-channel weights, per-tensor calibrated
     activations, biases in float, Relu/Clip kept; opset raised to 19. ONNX Runtime runs it as
     simulation (DequantizeLinear, then float compute); TensorRT runs it natively on Ada/Hopper.
-    `correct_bias` adds empirical bias correction (`CorrectBias`); `float_layers=N` leaves the
-    first N weighted layers in float (`KeepLeadingLayersFloat`); the convolutions FP8 does not
-    serve stay float (`KeepSmallConvsFloat`) unless `small_convs`."""
+    The convolutions FP8 does not serve stay float (`KeepSmallConvsFloat`) unless `small_convs`;
+    `correct_bias` (on by default) adds empirical bias correction (`CorrectBias`);
+    `float_layers=N` leaves the first N weighted layers in float (`KeepLeadingLayersFloat`)."""
     weights = QuantScheme(
         dtype=FP8, per_channel=True, symmetric=True, scale_constraint=scale_constraint
     )
