@@ -15,6 +15,7 @@ from qpass.passes.ggml_weights import QuantizeGGML
 from qpass.passes.gptq import GPTQ
 from qpass.passes.insert_qdq import InsertQDQ
 from qpass.passes.keep_leading_float import KeepLeadingLayersFloat
+from qpass.passes.keep_small_convs_float import KeepSmallConvsFloat
 from qpass.passes.lorc import LowRankCompensation
 from qpass.passes.lower_int4_plugin import LowerToInt4Plugin
 from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
@@ -44,6 +45,7 @@ __all__ = [
     "InsertQDQ",
     "KeepLeadingLayersFloat",
     "KeepSensitiveFloat",
+    "KeepSmallConvsFloat",
     "LowRankCompensation",
     "LowerForOnnxRuntime",
     "LowerForTensorRT",
