@@ -44,8 +44,10 @@ import dataclasses
 import io
 import json
 import math
+import os
 import resource
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +84,9 @@ W3A8_ROWS = tuple((label.replace("W4A8", "W3A8"), tool, f"{method}:bits=3")
 # "fl9+bc": the first 9 weighted layers in float and bias correction (the fp8 preset's options)
 _FL9_BC = "float_layers=9:correct_bias=true"
 FLOAT_FORMAT_ROWS = (("qpass fp8", "qpass", "fp8"),
+                     ("qpass fp8 no bc", "qpass", "fp8:float:correct_bias=false"),
+                     ("qpass fp8 all convs no bc", "qpass",
+                      "fp8:float:small_convs=true:correct_bias=false"),
                      ("qpass fp8 fl9+bc", "qpass", f"fp8:float:{_FL9_BC}"),
                      ("qpass fp8 fl9+bc pow2", "qpass", f"fp8:pow2:{_FL9_BC}"),
                      ("qpass fp8 fl9+bc pow2-group", "qpass", f"fp8:pow2-group:{_FL9_BC}"),
@@ -90,6 +95,19 @@ FLOAT_FORMAT_ROWS = (("qpass fp8", "qpass", "fp8"),
                       "w4a8-fp:float:group_size=32:float_layers=9"),
                      ("qpass w4a8-fp g32 fl9 pow2-group", "qpass",
                       "w4a8-fp:pow2-group:group_size=32:float_layers=9"))
+# NVIDIA ModelOpt's ONNX FP8 mode, its defaults (float parts in FP16), as the FP8 anchor. It runs
+# in a Python of its own (nvidia-modelopt[onnx] brings onnxruntime-gpu, which must not share a
+# folder with onnxruntime): the row is measured when QPASS_MODELOPT_PYTHON names that Python.
+MODELOPT_ROWS = (("ModelOpt fp8", "modelopt", "fp8"),)
+MODELOPT_PYTHON = os.environ.get("QPASS_MODELOPT_PYTHON")
+MODELOPT_SCRIPT = """
+import sys
+import numpy as np
+from modelopt.onnx.quantization import quantize
+model, mode, calib, out = sys.argv[1:]
+quantize(model, quantize_mode=mode, calibration_data={"input": np.load(calib)["input"]},
+         calibration_eps=["cpu"], output_path=out)
+"""
 KERNELS = ("QLinearConv", "QGemm", "QLinearAdd")
 # model -> (data loader name, calibration images, eval limit with --quick)
 MODELS = {"efficientnet_lite0": ("imagenet", 100, 200), "resnet20": ("cifar10", 200, 1000)}
@@ -145,6 +163,14 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         if variant == "float-logits":
             _remove_output_qdq(out)
         rc = 0
+    elif tool == "modelopt":
+        start = time.perf_counter()
+        rc = subprocess.run([MODELOPT_PYTHON, "-c", MODELOPT_SCRIPT, model, method, calib, out],
+                            stdout=subprocess.DEVNULL).returncode
+        wall = time.perf_counter() - start
+        child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(json.dumps({"compile_s": wall, "peak_rss_mb": child_mb, "rc": rc}))
+        return rc
     elif method.startswith("w4a8-obq"):  # through the API, to keep the per-layer errors
         import qpass
         from qpass import presets
@@ -178,10 +204,11 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         argv += [] if method.split(":")[0] in ("default", preset) else ["--calibrator", method]
         if preset in ("fp8", "w4a8-fp"):
             argv += ["--scale-constraint", extra.pop(0) if extra else "float"]
-        for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=true"
+        for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=false"
             key, value = option.split("=")
-            flag = f"--{key.replace('_', '-')}"
-            argv += [flag] if value == "true" else [flag, value]
+            flag = key.replace("_", "-")
+            switch = {"true": [f"--{flag}"], "false": [f"--no-{flag}"]}
+            argv += switch.get(value, [f"--{flag}", value])
         start = time.perf_counter()
         rc = cli.main(argv)
     wall = time.perf_counter() - start
@@ -280,6 +307,24 @@ def measure_latency(rows: list[dict], images: np.ndarray, rounds: int, repeat: i
             r[f"latency_b{b}_ms"] = min(r[f"latency_b{b}_rounds_ms"])
 
 
+def float_layers(path: Path) -> int:
+    """How many Conv/Gemm/MatMul layers of a saved model read a weight that no
+    DequantizeLinear produces (a Cast or Transpose between them allowed): the layers left float."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def dequantized(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Cast", "Transpose"):
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    return sum(1 for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")
+               and len(node.input) > 1 and not dequantized(node.input[1]))
+
+
 def bench_row(model: str, label: str, tool: str, method: str | None, batch: int, folder: Path,
               images: np.ndarray, labels: np.ndarray) -> dict:
     """Compile (in a worker) unless FP32, then measure top-1 and the fused kernels of one row."""
@@ -301,6 +346,7 @@ def bench_row(model: str, label: str, tool: str, method: str | None, batch: int,
     row.update(accuracy(path, images, labels))
     if tool != "fp32":
         row["kernels"] = {k: row["op_types"].get(k, 0) for k in KERNELS}
+    row["float_layers"] = float_layers(path)
     return row
 
 
@@ -323,7 +369,8 @@ def bench_model(model: str, work: Path, quick: bool, only: list[str] | None = No
     specs += [FLOAT_LOGITS_ROW]
     specs += list(PER_TENSOR_ROWS)
     specs += list(W4A8_ROWS) + list(W3A8_ROWS)
-    specs += list(FLOAT_FORMAT_ROWS) if model == "efficientnet_lite0" else []
+    if model == "efficientnet_lite0":
+        specs += list(FLOAT_FORMAT_ROWS) + (list(MODELOPT_ROWS) if MODELOPT_PYTHON else [])
     if only:
         specs = [s for s in specs if s[1] == "fp32" or any(o in s[0] for o in only)]
     fallback = max(b for b in range(1, BATCH + 1) if len(calib) % b == 0)
@@ -387,7 +434,8 @@ def add_ratios(rows: list[dict], labels: np.ndarray) -> None:
 def table(rows: list[dict]) -> str:
     """Aligned text table of one model's rows."""
     header = ["row", "top1%", "Δpts", "agree%", "SQNR dB", "+/-ORT*", "p", "b1 ms", "b8 ms",
-              "b1/fp32", "b8/fp32", "b1/ORT*", "b8/ORT*", "compile s", "RSS MB", *KERNELS]
+              "b1/fp32", "b8/fp32", "b1/ORT*", "b8/ORT*", "compile s", "RSS MB",
+              "float layers", *KERNELS]
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -407,7 +455,7 @@ def table(rows: list[dict]) -> str:
             fmt(r["ratio_fp32_b1"], ".2f"), fmt(r["ratio_fp32_b8"], ".2f"),
             fmt(r["ratio_best_ort_b1"], ".2f"), fmt(r["ratio_best_ort_b8"], ".2f"),
             fmt(r.get("compile_s"), ".1f"), fmt(r.get("peak_rss_mb"), ".0f"),
-            *(fmt(k.get(name), "d") for name in KERNELS),
+            fmt(r.get("float_layers"), "d"), *(fmt(k.get(name), "d") for name in KERNELS),
         ])
     full = [header] + [ln for ln in lines if len(ln) == len(header)]
     widths = [max(len(ln[i]) for ln in full) for i in range(len(header))]

@@ -65,6 +65,9 @@ ROWS = {
     "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
     "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
     "qpass GPTQ g128 lm_head int8": ("qpass-gptq-lm-head-int8", 128, "matmulnbits"),
+    "qpass q8_0": ("qpass-q8_0", None, None),
+    "qpass Q4_K_M": ("qpass-q4_k_m", None, None),
+    "qpass Q4_K_M imatrix": ("qpass-q4_k_m-imatrix", None, None),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
     "ORT GPTQ g128": ("ort-gptq", 128, None),
@@ -82,6 +85,14 @@ QPASS_TOOLS = {
     "qpass-awq": ("w4a16-awq",),
     "qpass-gptq-lorc": ("w4a16-gptq", "--lorc-rank", str(LORC_RANK)),
     "qpass-gptq-lm-head-int8": ("w4a16-gptq", "--lm-head", "int8"),
+}
+
+# ggml tools -> (preset, with the calibration set: the importance matrix); compiled through the
+# Python API, which also writes the GGUF export beside the ONNX model (CompiledModel.save_gguf)
+GGML_TOOLS = {
+    "qpass-q8_0": ("q8_0", False),
+    "qpass-q4_k_m": ("q4_k_m", False),
+    "qpass-q4_k_m-imatrix": ("q4_k_m", True),
 }
 
 
@@ -218,6 +229,8 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
         quantizer.process()
         quantizer.model.save_model_to_file(out, use_external_data_format=False)
         rc = 0
+    elif tool in GGML_TOOLS:
+        rc = ggml_worker(tool, model, calib, out)
     else:
         from qpass import cli
 
@@ -229,6 +242,23 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
     return rc
 
 
+def ggml_worker(tool: str, model: str, calib: str, out: str) -> int:
+    """A ggml preset through the Python API: the ONNX model to `out`, its GGUF export (the
+    tokenizer copied from SmolLM2's own GGUF) beside it with the suffix .gguf."""
+    from transformers import AutoConfig
+
+    import qpass
+
+    preset, calibrated = GGML_TOOLS[tool]
+    compiled = qpass.compile(model, preset=preset, calibration=calib if calibrated else None,
+                             batch_size=4, progress=False)
+    compiled.save(out)
+    with contextlib.redirect_stderr(io.StringIO()):
+        config = AutoConfig.from_pretrained(smollm2_folder(), gguf_file=GGUF_FILE)
+    compiled.save_gguf(Path(out).with_suffix(".gguf"), config, smollm2_folder() / GGUF_FILE)
+    return 0
+
+
 # ---------------------------------------------------------------- evaluation (parent process)
 
 
@@ -237,9 +267,32 @@ def perplexity(path: Path, test: np.ndarray) -> dict:
     from qpass.runtime.onnxruntime import session
 
     sess = session(str(path))
+    return window_perplexity(lambda ids: sess.run(None, {"input_ids": ids})[0], test)
+
+
+def gguf_perplexity(path: Path, test: np.ndarray) -> dict:
+    """`perplexity` of a GGUF file loaded by transformers (`from_pretrained(gguf_file=...)`),
+    run in PyTorch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        lm = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        ).eval()
+
+    def logits(ids):
+        with torch.no_grad():
+            return lm(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+    return window_perplexity(logits, test)
+
+
+def window_perplexity(logits_of, test: np.ndarray) -> dict:
+    """exp(mean NLL) of every next token inside each window, `logits_of(ids [1, length])`."""
     nll, count = 0.0, 0
     for window in test:
-        logits = sess.run(None, {"input_ids": window[None]})[0][0].astype(np.float64)
+        logits = logits_of(window[None])[0].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
         nll -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
@@ -378,6 +431,15 @@ def run(args, work: Path) -> list[dict]:
         row.update(perplexity(path, test))
         log(f"{label}: ppl {row['ppl']:.3f}")
         rows.append(row)
+        if tool in GGML_TOOLS:  # its GGUF export, loaded back by transformers
+            gguf = path.with_suffix(".gguf")
+            loaded = {"row": f"{label} (GGUF, transformers)", "tool": tool,
+                      "group_size": None, "size_mb": gguf.stat().st_size / 1e6}
+            log(f"perplexity of {loaded['row']}")
+            loaded.update(gguf_perplexity(gguf, test))
+            loaded["ppl_vs_onnx"] = loaded["ppl"] / row["ppl"] - 1
+            log(f"{loaded['row']}: ppl {loaded['ppl']:.3f} ({loaded['ppl_vs_onnx']:+.3%} vs ONNX)")
+            rows.append(loaded)
         if group == 128 and tool.startswith(("qpass-rtn", "ort-rtn")):
             latency_paths[label] = path
     by_label = {r["row"]: r for r in rows}

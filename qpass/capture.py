@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from qpass.errors import ModelError
+from qpass.errors import ModelError, first_line
 from qpass.graph import raise_opset
 from qpass.passes.compute_in_float32 import ComputeInFloat32
 
@@ -70,7 +70,12 @@ def load_onnx(path: Path) -> ir.Model:
     try:
         model = ir.load(os.fspath(path))
     except Exception as e:
-        raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+        cause = e
+        while cause.__cause__ is not None:  # onnx-ir's SerdeError wraps the reason
+            cause = cause.__cause__
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({type(cause).__name__}: {first_line(cause)})"
+        ) from e
     if len(model.graph) == 0:
         raise ModelError(f"{path} is not a usable ONNX model: its graph has no nodes")
     return model

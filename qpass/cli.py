@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import traceback
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +22,15 @@ from qpass import presets, targets
 from qpass.errors import QpassError, first_line
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage dump), pointing at --help; exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qpass", description=__doc__)
+    parser = Parser(prog="qpass", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print internal errors' tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_compile(commands)

@@ -57,6 +57,15 @@ class CompiledModel:
             ir.save(self.model, temporary, external_data=data.name)
         return path
 
+    def save_gguf(self, path: str | os.PathLike, config, tokenizer=None, **options) -> Path:
+        """Write a Llama-family decoder captured from transformers as a GGUF file: the weights
+        a ggml preset quantized as their ggml bytes, the rest in float; `config` the source's
+        transformers config, `tokenizer` a GGUF file to copy the tokenizer from
+        (`qpass.export_gguf.save_gguf`)."""
+        from qpass.export_gguf import save_gguf
+
+        return save_gguf(self.model, path, config, tokenizer, **options)
+
     def session(self, threads: int | None = None):
         """An ONNX Runtime session running the compiled model (cached for the default settings)."""
         if threads is not None:
@@ -132,9 +141,10 @@ def compile(
     elif options:
         raise QpassError(f"options {sorted(options)} are a preset's: give them without passes=")
     calibrated = [p for p in passes if isinstance(p, CalibratedPass) and p.context is None]
-    if calibrated and calibration is None:
+    needing = [p for p in calibrated if not p.calibration_optional]
+    if needing and calibration is None:
         raise CalibrationError(
-            f"{calibrated[0]!r} needs calibration data: pass calibration=... (an .npz file with "
+            f"{needing[0]!r} needs calibration data: pass calibration=... (an .npz file with "
             "one array per model input, or an iterable of input dicts)"
         )
     for library in custom_op_libraries:

@@ -6,7 +6,9 @@ loader's one-line reason (where the data comes from) instead of failing.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -166,3 +168,43 @@ def real_models(tmp_path_factory):
         models.export_onnx(build(), torch.zeros(shape), path, optimize=False)
         paths[name] = path
     return paths
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model, tiny_calibration):
+    """in/model.onnx, in/calib.npz, an empty out/."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(tiny_model, tmp_path / "in" / "model.onnx")
+    np.savez(tmp_path / "in" / "calib.npz", **tiny_calibration)
+    return tmp_path
+
+
+def files(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (links included) -> a digest of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_refused(capsys, folder: Path, argv: list, message: str) -> None:
+    """`qpass ARGV` on bad input: exit code 2, one line on stderr naming the problem (matching
+    the regex `message`), no traceback, no file written or left behind under `folder`, and the
+    bytes of every file there (the inputs) unchanged."""
+    from qpass.cli import main
+
+    before = files(folder)
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    assert re.search(message, lines[0]), lines[0]
+    assert files(folder) == before

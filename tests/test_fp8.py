@@ -139,7 +139,8 @@ def calibration():
 def test_fp8_tiny_cnn_runs_in_onnxruntime(calibration, constraint):
     proto = tiny_cnn()
     compiled = qpass.compile(
-        proto, preset="fp8", calibration=calibration, progress=False, scale_constraint=constraint
+        proto, preset="fp8", calibration=calibration, progress=False, scale_constraint=constraint,
+        small_convs=True,
     )
     model = onnx.load_from_string(compiled.to_bytes())
     assert model.opset_import[0].version >= 19
@@ -157,7 +158,8 @@ def test_fp8_tiny_cnn_runs_in_onnxruntime(calibration, constraint):
 def test_fp8_with_bias_correction_keeps_the_output(calibration):
     proto = tiny_cnn()
     compiled = qpass.compile(
-        proto, preset="fp8", calibration=calibration, progress=False, correct_bias=True
+        proto, preset="fp8", calibration=calibration, progress=False, correct_bias=True,
+        small_convs=True,
     )
     x = np.random.default_rng(3).normal(0, 1, (8, 3, 16, 16)).astype(np.float32)
     assert sqnr_db(run_onnx(proto, {"input": x})[0], compiled.run({"input": x})[0]) >= 20
@@ -167,7 +169,9 @@ def test_fp8_graph_means_the_same_in_onnxruntime_and_the_onnx_reference(calibrat
     """ORT's fusions must not change an FP8 graph (it drops a Relu before a Q, see InsertQDQ)."""
     from onnx.reference import ReferenceEvaluator
 
-    compiled = qpass.compile(tiny_cnn(), preset="fp8", calibration=calibration, progress=False)
+    compiled = qpass.compile(
+        tiny_cnn(), preset="fp8", calibration=calibration, progress=False, small_convs=True
+    )
     model = onnx.load_from_string(compiled.to_bytes())
     x = np.random.default_rng(4).normal(0, 1, (4, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(
@@ -181,9 +185,45 @@ def test_fp8_graph_means_the_same_in_onnxruntime_and_the_onnx_reference(calibrat
 def test_fp8_compiles_for_the_tensorrt_target(calibration):
     """With target="tensorrt", compile lints the graph and raises on errors."""
     compiled = qpass.compile(
-        tiny_cnn(), preset="fp8", calibration=calibration, progress=False, target="tensorrt"
+        tiny_cnn(), preset="fp8", calibration=calibration, progress=False, target="tensorrt",
+        small_convs=True,
     )
     assert errors(compiled.findings) == []
+
+
+def _convs(channels: list[tuple[int, int, int]]) -> onnx.ModelProto:
+    """A chain of Convs (out channels, group, kernel) from a 3-channel input, each named."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x, c = [], [], "input", 3
+    for index, (out, group, k) in enumerate(channels):
+        w = rng.normal(0, 1 / np.sqrt(c * k * k), (out, c // group, k, k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{index}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{index}"], [f"c{index}"], name=f"conv{index}",
+                                      group=group, pads=[k // 2] * 4))
+        x, c = f"c{index}", out
+    graph = helper.make_graph(
+        nodes, "convs",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fp8_leaves_the_convolutions_fp8_does_not_serve_in_float():
+    """The 3-channel stem, a depthwise conv, a 7x7 conv and a 16-channel conv stay float by
+    default; the 32-channel 1x1 and 3x3 convs are FP8; small_convs=True quantizes them all.
+    Either way the model loads in ONNX Runtime, within the fp8 bound of the float model."""
+    proto = _convs([(32, 1, 3), (32, 32, 3), (32, 1, 1), (32, 1, 3), (32, 1, 7), (16, 1, 1)])
+    x = np.random.default_rng(1).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    every = {f"conv{i}" for i in range(6)}
+    for small_convs, expected in [(False, {"conv2", "conv3"}), (True, every)]:
+        compiled = qpass.compile(proto, preset="fp8", calibration={"input": x}, progress=False,
+                                 small_convs=small_convs)
+        quantized = {n.name for n in compiled.model.graph if n.op_type == "Conv"
+                     and n.inputs[1].producer() is not None
+                     and n.inputs[1].producer().op_type == "DequantizeLinear"}
+        assert quantized == expected
+        assert sqnr_db(run_onnx(proto, {"input": x})[0], compiled.run({"input": x})[0]) >= 20
 
 
 def test_unknown_scale_constraint_is_refused():
@@ -315,7 +355,7 @@ def test_float_layers_leave_the_first_layers_in_float(calibration):
     proto = tiny_cnn()
     compiled = qpass.compile(
         proto, preset="fp8", calibration=calibration, progress=False, float_layers=1,
-        target="tensorrt",
+        target="tensorrt", small_convs=True,
     )
     assert errors(compiled.findings) == []
     model = onnx.load_from_string(compiled.to_bytes())
@@ -354,7 +394,8 @@ def test_fp8_bias_correction_on_a_layer_with_large_weights():
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     calibration = {"x": rng.normal(0, 1, (16, c, 4, 4)).astype(np.float32)}
     compiled = qpass.compile(
-        proto, preset="fp8", calibration=calibration, progress=False, correct_bias=True
+        proto, preset="fp8", calibration=calibration, progress=False, correct_bias=True,
+        small_convs=True,
     )
     x = rng.normal(0, 1, (4, c, 4, 4)).astype(np.float32)
     assert sqnr_db(run_onnx(proto, {"x": x})[0], compiled.run({"x": x})[0]) >= 20

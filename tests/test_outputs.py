@@ -5,9 +5,7 @@ behind; written files follow the umask; a model with external data is written at
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import re
 import signal
 import stat
 import sys
@@ -18,31 +16,13 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from conftest import assert_refused, files
 from onnx import TensorProto, helper, numpy_helper
 
 import qpass
 from qpass.cli import main
 
 compile_module = sys.modules["qpass.compile"]  # the module, not the function qpass.compile
-
-
-@pytest.fixture
-def workspace(tmp_path, tiny_model, tiny_calibration):
-    """in/model.onnx, in/calib.npz, an empty out/."""
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
-    onnx.save(tiny_model, tmp_path / "in" / "model.onnx")
-    np.savez(tmp_path / "in" / "calib.npz", **tiny_calibration)
-    return tmp_path
-
-
-def files(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (links included) -> a digest of its bytes."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def cli(capsys, *args) -> tuple[int, list[str]]:
@@ -129,13 +109,8 @@ REFUSED = {
 def test_unsafe_outputs_are_refused_before_any_work(workspace, case, monkeypatch, capsys):
     arguments, message = REFUSED[case]
     args = arguments(workspace)  # may create a link in out/
-    before = files(workspace)
     monkeypatch.setattr(qpass, "compile", lambda *a, **k: pytest.fail("compiled before refusing"))
-    code, lines = cli(capsys, *args)
-    assert code == 2
-    assert len(lines) == 1 and lines[0].startswith("qpass: error: "), lines
-    assert re.search(message, lines[0]), lines[0]
-    assert files(workspace) == before
+    assert_refused(capsys, workspace, ["compile", *args, "-q"], message)
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 

@@ -11,10 +11,12 @@ from qpass.passes.fold_bn import FoldBatchNorm
 from qpass.passes.fold_constants import FoldConstants
 from qpass.passes.fold_pad import FoldPadIntoConv
 from qpass.passes.fuse_requant import FuseRequant
+from qpass.passes.ggml_weights import QuantizeGGML
 from qpass.passes.gptq import GPTQ
 from qpass.passes.hero_level import HeroLevel
 from qpass.passes.insert_qdq import InsertQDQ
 from qpass.passes.keep_leading_float import KeepLeadingLayersFloat
+from qpass.passes.keep_small_convs_float import KeepSmallConvsFloat
 from qpass.passes.lorc import LowRankCompensation
 from qpass.passes.lower_int4_plugin import LowerToInt4Plugin
 from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
@@ -47,6 +49,7 @@ __all__ = [
     "InsertQDQ",
     "KeepLeadingLayersFloat",
     "KeepSensitiveFloat",
+    "KeepSmallConvsFloat",
     "LowRankCompensation",
     "LowerForOnnxRuntime",
     "LowerForTensorRT",
@@ -55,6 +58,7 @@ __all__ = [
     "LowerToMatMulNBits",
     "PlaceFloat8ForOnnxRuntime",
     "QuantizeDynamicPerToken",
+    "QuantizeGGML",
     "QuantizeLMHead",
     "RoundToNearest",
     "SmoothQuant",

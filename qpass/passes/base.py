@@ -34,14 +34,17 @@ class Pass(ir.passes.InPlacePass):
 
 
 class CalibratedPass(Pass):
-    """A pass that observes activations on the calibration data through `self.context`."""
+    """A pass that observes activations on the calibration data through `self.context`
+    (`calibration_optional`: one that also runs without, e.g. a weighting it then leaves out)."""
+
+    calibration_optional = False
 
     def __init__(self, context: Context | None = None):
         super().__init__()
         self.context = context
 
     def requires(self, model: ir.Model) -> None:
-        if self.context is None:
+        if self.context is None and not self.calibration_optional:
             raise PreconditionError(
                 f"{self!r} needs calibration data: pass calibration=... (an .npz file with one "
                 "array per model input, or an iterable of input dicts)"

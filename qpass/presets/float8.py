@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qpass.passes import CorrectBias, FoldBatchNorm, InsertQDQ, KeepLeadingLayersFloat
+from qpass.passes import (
+    CorrectBias,
+    FoldBatchNorm,
+    InsertQDQ,
+    KeepLeadingLayersFloat,
+    KeepSmallConvsFloat,
+)
 from qpass.presets import CALIBRATOR, Option, canonicalize, preset
 from qpass.schemes import FP4, FP8, QuantScheme
 from qpass.targets import Target
@@ -34,8 +40,11 @@ def _leading_float(count: int) -> list[ir.passes.PassBase]:
     options=(
         CALIBRATOR,
         SCALE_CONSTRAINT,
-        Option("correct_bias", bool, "empirical bias correction after quantization", False),
+        Option("correct_bias", bool, "empirical bias correction after quantization", True),
         FLOAT_LAYERS,
+        Option("small_convs", bool, "quantize the convolutions FP8 kernels do not serve too "
+               "(<= 16 channels, depthwise, filters above 32 taps); by default they stay float",
+               False),
     ),
     targets=("onnxruntime", "tensorrt"),
 )
@@ -46,12 +55,14 @@ def fp8(
     scale_constraint: str,
     correct_bias: bool,
     float_layers: int,
+    small_convs: bool,
 ) -> list[ir.passes.PassBase]:
     """FP8 E4M3 (symmetric, scale = amax / 448): per-channel weights, per-tensor calibrated
     activations, biases in float, Relu/Clip kept; opset raised to 19. ONNX Runtime runs it as
     simulation (DequantizeLinear, then float compute); TensorRT runs it natively on Ada/Hopper.
-    `correct_bias` adds empirical bias correction (`CorrectBias`); `float_layers=N` leaves the
-    first N weighted layers in float (`KeepLeadingLayersFloat`)."""
+    The convolutions FP8 does not serve stay float (`KeepSmallConvsFloat`) unless `small_convs`;
+    `correct_bias` (on by default) adds empirical bias correction (`CorrectBias`);
+    `float_layers=N` leaves the first N weighted layers in float (`KeepLeadingLayersFloat`)."""
     weights = QuantScheme(
         dtype=FP8, per_channel=True, symmetric=True, scale_constraint=scale_constraint
     )
@@ -59,6 +70,8 @@ def fp8(
     quantize = InsertQDQ(weights=weights, activations=activations, exclude=exclude)
     lowered = [quantize, *target.float8_lowering()]
     head = [*canonicalize(), FoldBatchNorm(), *_leading_float(float_layers)]
+    if not small_convs:
+        head.append(KeepSmallConvsFloat())
     if not correct_bias:
         return [*head, *lowered]
     correct = CorrectBias()

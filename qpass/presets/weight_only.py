@@ -21,11 +21,12 @@ from qpass.schemes import QuantScheme
 from qpass.targets import Target
 
 TARGETS = ("onnxruntime", "tensorrt")
+FORMAT = Option("format", str, "blockwise DequantizeLinear -> MatMul (dq), ONNX Runtime's "
+                "MatMulNBits, or qpass's INT4 GEMM TensorRT plugin node (plugin)", "dq",
+                choices=("dq", "matmulnbits", "plugin"))
 COMMON = (
     Option("group_size", int, "input channels per weight scale", 128, minimum=1),
-    Option("format", str, "blockwise DequantizeLinear -> MatMul (dq), ONNX Runtime's MatMulNBits, "
-           "or qpass's INT4 GEMM TensorRT plugin node (plugin)", "dq",
-           choices=("dq", "matmulnbits", "plugin")),
+    FORMAT,
     Option("symmetric", bool, "int4 weights, no zero point (TensorRT is symmetric only)",
            {"onnxruntime": False, "tensorrt": True}),
     Option("lm_head", str, "the final projection in float, 8-bit groups (int8: most of the "
