@@ -51,3 +51,12 @@ node's module path as a Python list literal, e.g. "['', 'model.layers.0.mlp', ..
 KEEP_FLOAT = "qpass.keep_float"
 """`node.meta` of a node a pass decided to leave in float: why (`qpass.passes.base.keep_float`);
 every quantizing pass after it skips the node."""
+
+EDGE_LAYER = "qpass.edge_layer"
+"""`node.meta` of the first and last weighted layers, marked by KeepEdgeLayersWide: InsertQDQ
+gives them, and the activations they read, its `edge_weights` / `edge_activations` schemes."""
+
+CLAMPS_TO_GRID = "qpass.clamps_to_grid"
+"""`node.metadata_props` of the Min and Max InsertQDQ puts before the QuantizeLinear of a 3- or
+2-bit activation: the name of the activation; their bounds are the grid's ends s(qmax - z) and
+s(qmin - z)."""
