@@ -60,3 +60,7 @@ CLAMPS_TO_GRID = "qpass.clamps_to_grid"
 """`node.metadata_props` of the Min and Max InsertQDQ puts before the QuantizeLinear of a 3- or
 2-bit activation: the name of the activation; their bounds are the grid's ends s(qmax - z) and
 s(qmin - z)."""
+
+GRID = "qpass.grid"
+"""`node.metadata_props` of a weight's DequantizeLinear: "qmin qmax", the integer range its
+scheme rounds into (e.g. "-127 127" for symmetric int8, "-4 3" for int3 stored as int4)."""

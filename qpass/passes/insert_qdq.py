@@ -19,7 +19,7 @@ from qpass.graph import (
     raise_opset,
     sole_consumer,
 )
-from qpass.metadata import CLAMPS_TO_GRID, EDGE_LAYER, OBSERVED_RANGE, QUANTIZES
+from qpass.metadata import CLAMPS_TO_GRID, EDGE_LAYER, GRID, OBSERVED_RANGE, QUANTIZES
 from qpass.passes.base import CalibratedPass, is_kept_float
 from qpass.schemes import ACTIVATION_UINT8, FP4, WEIGHT_INT8, QuantScheme
 
@@ -227,6 +227,7 @@ class InsertQDQ(CalibratedPass):
         dq = _dequantize(
             graph, node.inputs[rule.weight].name, q, w_scale, w_zero, axis if w_scale.ndim else None
         )
+        dq.metadata_props[GRID] = f"{scheme.qmin} {scheme.qmax}"
         graph.insert_before(node, dq)
         node.replace_input_with(rule.weight, dq.outputs[0])
         if not quantize_bias:
@@ -247,7 +248,7 @@ class InsertQDQ(CalibratedPass):
         zero_v = initializer(graph, f"{name}_zero_point", zero_point)
         source, clip = value, []
         if scheme.narrow:  # Min and Max: ORT 1.32 fails on Clip -> QuantizeLinear(uint4)
-            high_low = grid_ends(scheme, scale, zero_point)[::-1]
+            high_low = grid_ends(scheme.qmin, scheme.qmax, scale, zero_point)[::-1]
             for op, end in zip(("Min", "Max"), high_low, strict=True):
                 bound = initializer(graph, f"{name}_{op.lower()}", end)
                 clip.append(ir.node(op, [source, bound], name=f"{name}_{op}",
@@ -285,11 +286,11 @@ SENTINEL_RANGE = 1e30
 -3.4e38), not data: its scale would round every real value to zero (docs/methods/fp8.md)."""
 
 
-def grid_ends(scheme: QuantScheme, scale, zero_point) -> tuple[np.ndarray, np.ndarray]:
+def grid_ends(qmin: int, qmax: int, scale, zero_point) -> tuple[np.ndarray, np.ndarray]:
     """The real values of the grid's ends, s(qmin - z) and s(qmax - z), in float32."""
     scale = np.asarray(scale, np.float32)
     zero = np.asarray(zero_point).astype(np.float32)
-    return (np.float32(scheme.qmin) - zero) * scale, (np.float32(scheme.qmax) - zero) * scale
+    return (np.float32(qmin) - zero) * scale, (np.float32(qmax) - zero) * scale
 
 
 def _holds_sentinels(scale: np.ndarray, scheme: QuantScheme) -> bool:
