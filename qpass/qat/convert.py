@@ -37,7 +37,7 @@ def convert(qat_module: QATModule, target: str | None = None) -> CompiledModel:
             weight = qat_module.weights[key]
             dq = values[name].consumers()[0]
             _write(values[name], weight.integers())
-            _write(values[dq.inputs[1].name], weight.step)
+            _write(values[dq.inputs[1].name], weight.scale())
         elif key in qat_module.biases:
             bias = qat_module.biases[key]
             dq = values[name].consumers()[0]
@@ -55,11 +55,11 @@ def convert(qat_module: QATModule, target: str | None = None) -> CompiledModel:
 
 def _write_activation(graph: ir.Graph, scale_name: str, quantizer, bounds: dict) -> None:
     scale = graph.initializers[scale_name]
-    _write(scale, quantizer.step)
+    _write(scale, quantizer.scale())
     q = next(n for n in scale.consumers() if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     _write(q.inputs[2], quantizer.zero())
     if bounds:  # a 3- or 2-bit activation: its Min and Max follow the step and zero point
-        low, high = grid_ends(quantizer.qmin, quantizer.qmax, quantizer.step.detach().numpy(),
+        low, high = grid_ends(quantizer.qmin, quantizer.qmax, quantizer.scale().numpy(),
                               quantizer.zero().numpy())
         _write(bounds["Max"], low)
         _write(bounds["Min"], high)

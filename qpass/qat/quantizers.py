@@ -33,6 +33,12 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def positive(step: torch.Tensor) -> torch.Tensor:
+    """|step|, at least float32's smallest normal: an optimizer step past zero (a tiny
+    per-channel step, a large learning rate) flips the sign of the parameter, not of the scale."""
+    return step.abs().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     """x in the forward pass; its gradient multiplied by `factor` in the backward pass."""
     return (x - x * factor).detach() + x * factor
@@ -60,7 +66,11 @@ class WeightQuantizer(nn.Module):
         self.grad_factor = 1.0 / math.sqrt(q.size / channels * max(qmax, 1))
 
     def s(self) -> torch.Tensor:
-        return self.step.reshape(self.shape)
+        return positive(self.step).reshape(self.shape)
+
+    def scale(self) -> torch.Tensor:
+        """The step as the graph stores it."""
+        return positive(self.step).detach()
 
     def integers(self) -> torch.Tensor:
         s = scale_gradient(self.s(), self.grad_factor)
@@ -115,10 +125,14 @@ class ActivationQuantizer(nn.Module):
         the gradient times 1/Qp^2 takes PACT's steps on alpha (weight decay on s is the same
         as on alpha); LSQ scales by 1/sqrt(N Qp), N the features of one sample."""
         if self.pacts:
-            return scale_gradient(self.step, 1.0 / self.levels**2)
+            return scale_gradient(positive(self.step), 1.0 / self.levels**2)
         if self.grad_factor == 1.0 and x.dim() > 1:
             self.grad_factor = 1.0 / math.sqrt(x[0].numel() * self.levels)
-        return scale_gradient(self.step, self.grad_factor)
+        return scale_gradient(positive(self.step), self.grad_factor)
+
+    def scale(self) -> torch.Tensor:
+        """The step as the graph stores it."""
+        return positive(self.step).detach()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s, z = self._s(x), self.zero()
@@ -128,7 +142,7 @@ class ActivationQuantizer(nn.Module):
         return torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        s = self.step.detach() if self.pacts else self._s(q)
+        s = self.scale() if self.pacts else self._s(q)
         return (q - self.zero()) * s
 
 
@@ -142,7 +156,7 @@ class BiasQuantizer(nn.Module):
         self.bias = nn.Parameter(torch.as_tensor(q.astype("float64") * scale, dtype=torch.float32))
 
     def s(self) -> torch.Tensor:
-        return (self.activation[0].step * self.weight[0].step).detach()
+        return self.activation[0].scale() * self.weight[0].scale()
 
     def integers(self) -> torch.Tensor:
         return round_ste(self.bias / self.s())
