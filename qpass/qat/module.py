@@ -20,6 +20,7 @@ from torch import nn
 from qpass.errors import ModelError
 from qpass.graph import attribute, constant, is_op
 from qpass.metadata import CLAMPS_TO_GRID, GRID
+from qpass.qat.kernels import qlinear_add, qlinear_conv
 from qpass.qat.quantizers import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 
 
@@ -45,6 +46,8 @@ class QATModule(nn.Module):
         self.biases = nn.ModuleDict()
         self.floats = nn.ParameterDict()  # float biases (TensorRT keeps them float)
         self.keys: dict[str, str] = {}  # initializer name -> module key (ModuleDict keys: no dots)
+        # ONNX Runtime runs 8-bit DQ -> Conv/Add -> Q as integer kernels (`qpass.qat.kernels`)
+        self.integer_kernels = compiled.target.family == "onnxruntime"
         self.grid_bounds: dict[str, dict[str, ir.Value]] = {}  # scale -> {"Min": high, "Max": low}
         for node in self.nodes:
             if is_op(node, "QuantizeLinear", "DequantizeLinear"):
@@ -116,6 +119,36 @@ class QATModule(nn.Module):
         results = [env[name] for name in self.output_names]
         return results[0] if len(results) == 1 else tuple(results)
 
+    def _integer_kernel(self, q: ir.Node, env: dict, out: ActivationQuantizer):
+        """The forward value ONNX Runtime's QLinearConv / QLinearAdd give this QuantizeLinear,
+        or None where no 8-bit integer kernel computes it."""
+        op = q.inputs[0].producer()
+        if out.qmax - out.qmin != 255 or len(q.inputs[0].consumers()) != 1:
+            return None
+        sources = [v.producer() if v is not None else None for v in op.inputs] if op else []
+        if not sources or not all(is_op(p, "DequantizeLinear") for p in sources):
+            return None
+        with torch.no_grad():
+            y_scale, y_zero = out.scale(), out.zero()
+            if is_op(op, "Conv") and len(sources) >= 2:
+                x = self.activations[self.keys[sources[0].inputs[1].name]]
+                weight = self.weights[self.keys[sources[1].inputs[0].name]]
+                bias = (self.biases[self.keys[sources[2].inputs[0].name]]
+                        if len(sources) > 2 else None)
+                return qlinear_conv(
+                    lambda a, w, b: _conv(op, a, w, b), env[sources[0].inputs[0].name],
+                    x.zero(), x.scale(), weight.integers(), bias.integers() if bias else None,
+                    weight.scale(), y_scale, y_zero, out.qmin, out.qmax,
+                )
+            if is_op(op, "Add"):
+                a, b = (self.activations[self.keys[p.inputs[1].name]] for p in sources)
+                return qlinear_add(
+                    env[sources[0].inputs[0].name], a.zero(), a.scale(),
+                    env[sources[1].inputs[0].name], b.zero(), b.scale(),
+                    y_scale, y_zero, out.qmin, out.qmax,
+                )
+        return None
+
     def _value(self, value: ir.Value | None, env: dict):
         if value is None or not value.name:
             return None
@@ -134,7 +167,11 @@ class QATModule(nn.Module):
         if op in ("QuantizeLinear", "DequantizeLinear"):
             quantizer = self.activations[self.keys[node.inputs[1].name]]
             x = self._value(node.inputs[0], env)
-            return [quantizer.quantize(x) if op == "QuantizeLinear" else quantizer.dequantize(x)]
+            if op == "DequantizeLinear":
+                return [quantizer.dequantize(x)]
+            q = quantizer.quantize(x)
+            exact = self._integer_kernel(node, env, quantizer) if self.integer_kernels else None
+            return [q if exact is None else q + (exact - q).detach()]
         if CLAMPS_TO_GRID in node.metadata_props:  # the activation quantizer clamps
             return [self._value(node.inputs[0], env)]
         function = _OPS.get(op)
