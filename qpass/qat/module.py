@@ -41,6 +41,17 @@ class QATModule(nn.Module):
         self.nodes = list(graph)
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
+        last_reader = {v.name: i for i, n in enumerate(self.nodes) for v in n.inputs if v}
+        for i, node in enumerate(self.nodes):  # `_integer_kernel` reads the integers two back
+            op = node.inputs[0].producer() if is_op(node, "QuantizeLinear") else None
+            for v in op.inputs if op is not None else ():
+                if is_op(v.producer() if v else None, "DequantizeLinear"):
+                    name = v.producer().inputs[0].name
+                    last_reader[name] = max(last_reader.get(name, i), i)
+        self.freed = [[] for _ in self.nodes]  # values no later node reads, freed after node i
+        for name, i in last_reader.items():
+            if name not in self.output_names:
+                self.freed[i].append(name)
         self.activations = nn.ModuleDict()
         self.weights = nn.ModuleDict()
         self.biases = nn.ModuleDict()
@@ -112,10 +123,12 @@ class QATModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         env: dict[str, torch.Tensor] = dict(zip(self.input_names, inputs, strict=True))
-        for node in self.nodes:
+        for node, freed in zip(self.nodes, self.freed, strict=True):
             outputs = self._run(node, env)
             for value, out in zip(node.outputs, outputs, strict=False):
                 env[value.name] = out
+            for name in freed:
+                env.pop(name, None)
         results = [env[name] for name in self.output_names]
         return results[0] if len(results) == 1 else tuple(results)
 
