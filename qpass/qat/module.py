@@ -41,17 +41,7 @@ class QATModule(nn.Module):
         self.nodes = list(graph)
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
-        last_reader = {v.name: i for i, n in enumerate(self.nodes) for v in n.inputs if v}
-        for i, node in enumerate(self.nodes):  # `_integer_kernel` reads the integers two back
-            op = node.inputs[0].producer() if is_op(node, "QuantizeLinear") else None
-            for v in op.inputs if op is not None else ():
-                if is_op(v.producer() if v else None, "DequantizeLinear"):
-                    name = v.producer().inputs[0].name
-                    last_reader[name] = max(last_reader.get(name, i), i)
-        self.freed = [[] for _ in self.nodes]  # values no later node reads, freed after node i
-        for name, i in last_reader.items():
-            if name not in self.output_names:
-                self.freed[i].append(name)
+        self.freed = _freed_after(self.nodes, self.output_names)
         self.activations = nn.ModuleDict()
         self.weights = nn.ModuleDict()
         self.biases = nn.ModuleDict()
@@ -196,6 +186,24 @@ class QATModule(nn.Module):
         args = [self._value(v, env) for v in node.inputs]
         result = function(node, *args)
         return result if isinstance(result, list) else [result]
+
+
+def _freed_after(nodes: list[ir.Node], outputs: list[str]) -> list[list[str]]:
+    """For each node, the values no later node reads (`forward` drops them after it); a
+    QuantizeLinear also reads the integers under the DequantizeLinears feeding its producer
+    (`_integer_kernel`)."""
+    last = {v.name: i for i, n in enumerate(nodes) for v in n.inputs if v is not None}
+    for i, node in enumerate(nodes):
+        op = node.inputs[0].producer() if is_op(node, "QuantizeLinear") else None
+        for v in op.inputs if op is not None else ():
+            if v is not None and is_op(v.producer(), "DequantizeLinear"):
+                name = v.producer().inputs[0].name
+                last[name] = max(last.get(name, i), i)
+    freed: list[list[str]] = [[] for _ in nodes]
+    for name, i in last.items():
+        if name not in outputs:
+            freed[i].append(name)
+    return freed
 
 
 def _as_torch_type(array: np.ndarray) -> np.ndarray:
