@@ -168,7 +168,7 @@ def compile(
     RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
     checks.check_scales(model)
     compiled = CompiledModel(model, float_model, context, target)
-    compiled.findings = _check(target, model)
+    compiled.findings = check_target(target, model)
     return compiled
 
 
@@ -191,7 +191,7 @@ def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
 _LISTED = 10
 
 
-def _check(target: targets.Target, model: ir.Model) -> list:
+def check_target(target: targets.Target, model: ir.Model) -> list:
     """The target's findings; raise LintError if the target would refuse the graph."""
     findings = target.check(model)
     refused = [f for f in findings if f.severity == "error"]
