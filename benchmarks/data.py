@@ -103,6 +103,25 @@ def cifar10(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels[idx].astype(np.int64)
 
 
+def cifar10_train(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load the CIFAR-10 training set (JPEG copies, decoded with PIL) as `cifar10` does the test
+    set: float32 NCHW mean/std-normalised, int64 labels. ``limit`` keeps the first N (by
+    ``default_rng(0).permutation(50000)``, so that a subset mixes the classes)."""
+    import io
+
+    from PIL import Image
+
+    with np.load(data_file("cifar10-train/cifar10_train_jpeg.npz")) as npz:
+        jpeg, offsets, labels = npz["jpeg"], npz["offsets"], npz["labels"]
+    order = np.random.default_rng(0).permutation(len(labels))[:limit]
+    raw = np.empty((len(order), 32, 32, 3), dtype=np.uint8)
+    for k, i in enumerate(order):
+        data = jpeg[offsets[i] : offsets[i + 1]].tobytes()
+        raw[k] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    x = (raw.astype(np.float32) / 255.0 - CIFAR_MEAN) / CIFAR_STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels[order].astype(np.int64)
+
+
 def top1(
     logits_fn: Callable[[np.ndarray], np.ndarray],
     images: np.ndarray,

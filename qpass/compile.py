@@ -15,7 +15,7 @@ from qpass import checks, presets, targets
 from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
 from qpass.errors import CalibrationError, LintError, QpassError
-from qpass.files import replacing, write_atomically
+from qpass.files import replacing, write_model
 from qpass.passes.base import CalibratedPass
 from qpass.runtime import onnxruntime as ort_runtime
 
@@ -51,7 +51,7 @@ class CompiledModel:
         the two are written together: both in place, or neither."""
         path = Path(path)
         if _tensor_bytes(self.model) <= EXTERNAL_DATA_BYTES:
-            return write_atomically(path, self.to_bytes())
+            return write_model(path, self.model)
         data = path.parent / f"{path.name}.data"
         with replacing(data, path) as (_, temporary):  # the data first: the model points at it
             ir.save(self.model, temporary, external_data=data.name)
@@ -168,7 +168,7 @@ def compile(
     RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
     checks.check_scales(model)
     compiled = CompiledModel(model, float_model, context, target)
-    compiled.findings = _check(target, model)
+    compiled.findings = check_target(target, model)
     return compiled
 
 
@@ -191,7 +191,7 @@ def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
 _LISTED = 10
 
 
-def _check(target: targets.Target, model: ir.Model) -> list:
+def check_target(target: targets.Target, model: ir.Model) -> list:
     """The target's findings; raise LintError if the target would refuse the graph."""
     findings = target.check(model)
     refused = [f for f in findings if f.severity == "error"]

@@ -60,6 +60,40 @@ def write_atomically(path: Path, data: bytes) -> Path:
     return path
 
 
+PIECE_BYTES = 1 << 20
+
+
+def write_model(path: Path, model) -> Path:
+    """Write an `onnx_ir.Model` as one ONNX file through `replacing`, holding one large tensor's
+    bytes at a time: `ir.to_proto` and its serialization would hold every weight twice at once.
+
+    The file is the serialized model without its initializers of `PIECE_BYTES` or more, then, for
+    each of them, a serialized ModelProto holding just that initializer. Protobuf parses
+    concatenated messages as one message merged from them (the graph merged, repeated fields
+    appended: protobuf's encoding guide, "Last One Wins"), so the file reads as the whole model."""
+    import onnx
+    import onnx_ir as ir
+
+    from qpass.graph import tensors_left_out
+
+    path = Path(path)
+    large = [
+        value
+        for value in model.graph.initializers.values()
+        if value.const_value is not None and value.const_value.nbytes >= PIECE_BYTES
+    ]
+    with replacing(path) as (temporary,), temporary.open("wb") as f:
+        with tensors_left_out(large):
+            f.write(ir.to_proto(model).SerializeToString())
+        for value in large:
+            piece = onnx.ModelProto()
+            tensor = piece.graph.initializer.add()
+            ir.serde.serialize_tensor_into(tensor, value.const_value)
+            tensor.name = value.name
+            f.write(piece.SerializeToString())
+    return path
+
+
 @contextlib.contextmanager
 def replacing(*paths: Path) -> Iterator[list[Path]]:
     """Temporary paths, in a new folder beside `paths` (which share one folder), with the same

@@ -4,7 +4,9 @@ plugins."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -135,6 +137,25 @@ def _carry_annotations(old: ir.Graph, new: ir.Graph) -> None:
     for value in all_values(old):
         if value.meta and value.name in values:
             values[value.name].meta.update(value.meta)
+
+
+@contextlib.contextmanager
+def tensors_left_out(values: list[ir.Value]) -> Iterator[None]:
+    """Take the tensors of initializers `values` out meanwhile, then put them back: `ir.to_proto`
+    serializes the model without their data (they keep their names, types and shapes; onnx-ir's
+    warning of an initializer without data is silenced)."""
+    tensors = [v.const_value for v in values]
+    serde_logger = logging.getLogger("onnx_ir.serde")
+    level = serde_logger.level
+    try:
+        serde_logger.setLevel(logging.ERROR)
+        for value in values:
+            value.const_value = None
+        yield
+    finally:
+        serde_logger.setLevel(level)
+        for value, tensor in zip(values, tensors, strict=True):
+            value.const_value = tensor
 
 
 def all_values(graph: ir.Graph):

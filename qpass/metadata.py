@@ -51,3 +51,16 @@ node's module path as a Python list literal, e.g. "['', 'model.layers.0.mlp', ..
 KEEP_FLOAT = "qpass.keep_float"
 """`node.meta` of a node a pass decided to leave in float: why (`qpass.passes.base.keep_float`);
 every quantizing pass after it skips the node."""
+
+EDGE_LAYER = "qpass.edge_layer"
+"""`node.meta` of the first and last weighted layers, marked by KeepEdgeLayersWide: InsertQDQ
+gives them, and the activations they read, its `edge_weights` / `edge_activations` schemes."""
+
+CLAMPS_TO_GRID = "qpass.clamps_to_grid"
+"""`node.metadata_props` of the Min and Max InsertQDQ puts before the QuantizeLinear of a 3- or
+2-bit activation: the name of the activation; their bounds are the grid's ends s(qmax - z) and
+s(qmin - z)."""
+
+GRID = "qpass.grid"
+"""`node.metadata_props` of a weight's DequantizeLinear: "qmin qmax", the integer range its
+scheme rounds into (e.g. "-127 127" for symmetric int8, "-4 3" for int3 stored as int4)."""

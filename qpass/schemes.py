@@ -19,6 +19,13 @@ _INTEGER_TYPES = {
     "uint8": (ir.DataType.UINT8, np.uint8, 0, 255),
     "int4": (ir.DataType.INT4, ml_dtypes.int4, -8, 7),
     "uint4": (ir.DataType.UINT4, ml_dtypes.uint4, 0, 15),
+    # 3- and 2-bit integers stored in 4-bit tensors: weights are rounded into the narrow range;
+    # an activation's QuantizeLinear saturates at the 4-bit limits, so InsertQDQ puts a Clip
+    # to the narrow range before it (simulation: no runtime has 3- or 2-bit kernels)
+    "int3": (ir.DataType.INT4, ml_dtypes.int4, -4, 3),
+    "uint3": (ir.DataType.UINT4, ml_dtypes.uint4, 0, 7),
+    "int2": (ir.DataType.INT4, ml_dtypes.int4, -2, 1),
+    "uint2": (ir.DataType.UINT4, ml_dtypes.uint4, 0, 3),
 }
 _FLOAT_TYPES = {
     "float8e4m3fn": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn, -448, 448),
@@ -40,7 +47,8 @@ class QuantScheme:
     """A quantization scheme for one class of tensors.
 
     Attributes:
-        dtype: type of the quantized tensor: "int8", "uint8", "int4", "uint4", or
+        dtype: type of the quantized tensor: "int8", "uint8", "int4", "uint4", "int3", "uint3",
+            "int2", "uint2" (3 and 2 bits, stored as 4-bit tensors), or
             "float8e4m3fn" (FP8 E4M3, always symmetric: scale = amax / 448, zero point 0,
             saturating at +-448; Q/DQ need opset 19), or "float4e2m1" (FP4 E2M1 weights:
             scale = amax / 6, values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; opset 23).
@@ -101,7 +109,15 @@ class QuantScheme:
 
     @property
     def bits(self) -> int:
-        return 4 if self.dtype.endswith("4") or self.dtype == FP4 else 8
+        if self.is_float:
+            return 4 if self.dtype == FP4 else 8
+        low, high = _INTEGER_TYPES[self.dtype][2:]
+        return int(high - low).bit_length()
+
+    @property
+    def narrow(self) -> bool:
+        """An integer type narrower than its storage (3 or 2 bits in a 4-bit tensor)."""
+        return self.dtype in ("int3", "uint3", "int2", "uint2")
 
     @property
     def is_float(self) -> bool:
@@ -114,7 +130,7 @@ class QuantScheme:
         for weights, this granularity): 21 for INT4/UINT4 and blockwise scales."""
         if self.dtype == FP4:
             return FLOAT4_OPSET
-        if self.bits == 4 or self.group_size is not None:
+        if self.bits <= 4 or self.group_size is not None:
             return INT4_OPSET
         return FLOAT_TYPE_OPSET if self.is_float else 13
 

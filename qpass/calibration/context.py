@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from qpass.calibration.data import CalibrationData, CalibrationSource
 from qpass.calibration.observers import Observer
+from qpass.graph import tensors_left_out
 from qpass.runtime import onnxruntime as ort_runtime
 
 logger = logging.getLogger(__name__)
@@ -142,31 +143,27 @@ FED_BYTES = 1 << 16
 _FED_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)  # numpy-native types
 
 
+def is_fed(value: ir.Value) -> bool:
+    """Whether an initializer is given to ONNX Runtime as an input array, read in place, rather
+    than copied into the session: a float tensor of `FED_BYTES` or more read by standard ONNX
+    ops only (contrib ops may need constants)."""
+    tensor = value.const_value
+    return (
+        tensor is not None
+        and tensor.dtype in _FED_TYPES
+        and tensor.nbytes >= FED_BYTES
+        and all(u.node.domain in ("", "ai.onnx") for u in value.uses())
+    )
+
+
 def _proto_without_large_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """`ir.to_proto(model)` with the large float initializers turned into graph inputs."""
     graph = model.graph
     inputs = {v.name for v in graph.inputs}
-    large = [
-        v
-        for v in graph.initializers.values()
-        if v.name not in inputs
-        and v.const_value is not None
-        and v.const_value.dtype in _FED_TYPES
-        and v.const_value.nbytes >= FED_BYTES
-        and all(u.node.domain in ("", "ai.onnx") for u in v.uses())
-    ]
+    large = [v for v in graph.initializers.values() if v.name not in inputs and is_fed(v)]
     tensors = [v.const_value for v in large]
-    serde_logger = logging.getLogger("onnx_ir.serde")  # it warns of initializers without data
-    level = serde_logger.level
-    try:
-        serde_logger.setLevel(logging.ERROR)
-        for v in large:
-            v.const_value = None
+    with tensors_left_out(large):
         proto = ir.to_proto(model)
-    finally:
-        serde_logger.setLevel(level)
-        for v, tensor in zip(large, tensors, strict=True):
-            v.const_value = tensor
     for v, tensor in zip(large, tensors, strict=True):
         proto.graph.input.append(
             onnx.helper.make_tensor_value_info(v.name, tensor.dtype.value, tensor.shape.numpy())

@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from qpass.calibration.context import is_fed
 from qpass.calibration.observers import Observer
 from qpass.graph import constant
 from qpass.runtime import onnxruntime as ort_runtime
@@ -99,16 +100,23 @@ def _slice_session(model: ir.Model, nodes: list[ir.Node], feed: dict, outputs: l
             needed.update(v.name for v in node.inputs if v is not None)
             needed.update(_subgraph_reads(node))
     graph = model.graph
-    initializers = []
+    initializers, weights = [], {}
     for name in sorted(needed):
-        if name in graph.initializers and name not in feed:
-            initializers.append(ir.serde.serialize_tensor(graph.initializers[name].const_value))
+        if name not in graph.initializers or name in feed:
+            continue
+        tensor = graph.initializers[name].const_value
+        if is_fed(graph.initializers[name]):  # read in place: no copy in the session
+            weights[name] = tensor.numpy()
+        else:
+            initializers.append(ir.serde.serialize_tensor(tensor))
             initializers[-1].name = name
+    arrays = {**{name: feed[name] for name in feed if name in needed}, **weights}
     inputs = [
         onnx.helper.make_tensor_value_info(
-            name, onnx.helper.np_dtype_to_tensor_dtype(feed[name].dtype), None
+            name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+            array.shape if name in weights else None,
         )
-        for name in feed if name in needed
+        for name, array in arrays.items()
     ]
     proto = onnx.helper.make_graph(
         [ir.serde.serialize_node(node) for node in reversed(kept)], "stage", inputs,
@@ -116,14 +124,17 @@ def _slice_session(model: ir.Model, nodes: list[ir.Node], feed: dict, outputs: l
     )
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     serialized = onnx.helper.make_model(proto, opset_imports=opsets, ir_version=model.ir_version)
-    return _FedSession(ort_runtime.session(serialized.SerializeToString(), arena=False), inputs)
+    session = ort_runtime.session(serialized.SerializeToString(), arena=False)
+    return _FedSession(session, [name for name in arrays if name not in weights], weights)
 
 
 class _FedSession:
-    """An ORT session that takes, from a feed, only the names its graph reads."""
+    """An ORT session that takes, from a feed, only the names its graph reads, and the large
+    weights it reads as inputs."""
 
-    def __init__(self, session, inputs):
-        self.session, self.names = session, [i.name for i in inputs]
+    def __init__(self, session, names: list[str], weights: dict[str, np.ndarray]):
+        self.session, self.names, self.weights = session, names, weights
 
     def run(self, outputs, feed):
-        return self.session.run(outputs, {name: feed[name] for name in self.names})
+        return self.session.run(outputs, {**{name: feed[name] for name in self.names},
+                                          **self.weights})

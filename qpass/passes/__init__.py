@@ -6,6 +6,7 @@ from qpass.passes.awq import AWQ
 from qpass.passes.block_adaround import BlockAdaRound
 from qpass.passes.compute_in_float32 import ComputeInFloat32
 from qpass.passes.correct_bias import CorrectBias
+from qpass.passes.edge_layers import KeepEdgeLayersWide
 from qpass.passes.equalize import EqualizeCrossLayer
 from qpass.passes.fold_bn import FoldBatchNorm
 from qpass.passes.fold_constants import FoldConstants
@@ -47,6 +48,7 @@ __all__ = [
     "FuseRequant",
     "HeroLevel",
     "InsertQDQ",
+    "KeepEdgeLayersWide",
     "KeepLeadingLayersFloat",
     "KeepSensitiveFloat",
     "KeepSmallConvsFloat",

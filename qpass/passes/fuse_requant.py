@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -189,7 +190,7 @@ def _representable_range(q: ir.Node):
     scale, zero = _params(q)
     if scale is None or zero is None or scale.size != 1:
         return None, None
-    info = np.iinfo(zero.dtype)
+    info = ml_dtypes.iinfo(zero.dtype)  # numpy types and the 4-bit ones
     s, z = float(scale.reshape(())), int(zero.reshape(()))
     return s * (info.min - z), s * (info.max - z)
 

@@ -19,7 +19,7 @@ from qpass.graph import (
     raise_opset,
     sole_consumer,
 )
-from qpass.metadata import OBSERVED_RANGE, QUANTIZES
+from qpass.metadata import CLAMPS_TO_GRID, EDGE_LAYER, GRID, OBSERVED_RANGE, QUANTIZES
 from qpass.passes.base import CalibratedPass, is_kept_float
 from qpass.schemes import ACTIVATION_UINT8, FP4, WEIGHT_INT8, QuantScheme
 
@@ -64,6 +64,12 @@ class InsertQDQ(CalibratedPass):
     4. An op whose inputs cannot all be quantized (a computed weight of a Conv, a constant input of
        an Add) is left in float and logged.
     5. The model's opset is raised to what the schemes' types need (19 for FP8 E4M3).
+    7. A layer marked by `KeepEdgeLayersWide` gets `edge_weights`, and an activation one of
+       them reads gets `edge_activations` (when given): e.g. 8 bits for the first and last
+       layer of a 4-bit network.
+    8. A 3- or 2-bit activation (stored in a 4-bit tensor, whose QuantizeLinear saturates at
+       the 4-bit limits) gets Min(s(qmax - z)) and Max(s(qmin - z)), its grid's ends, before
+       its QuantizeLinear, both marked `CLAMPS_TO_GRID`.
     6. An activation whose calibrated range exceeds SENTINEL_RANGE (1e30: masking sentinels,
        not data) gets no pair and stays float.
 
@@ -82,17 +88,22 @@ class InsertQDQ(CalibratedPass):
         exclude: frozenset[str] = frozenset(),
         computed_weights: bool = True,
         fp4_storage: str = "float8",
+        edge_weights: QuantScheme | None = None,
+        edge_activations: QuantScheme | None = None,
     ):
         super().__init__(context)
         self.fp4_storage = fp4_storage  # FP4 weights: "float8" (simulated) or "float4" (opset 23)
         self.computed_weights = computed_weights  # False: MatMul/Gemm of two activations stay float
         self.weights = weights
         self.activations = activations
+        self.edge_weights = edge_weights or weights
+        self.edge_activations = edge_activations or activations
         self.op_types = tuple(op_types)
         self.exclude = frozenset(exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        raise_opset(model, max(self.weights.min_opset, self.activations.min_opset))
+        schemes = (self.weights, self.activations, self.edge_weights, self.edge_activations)
+        raise_opset(model, max(s.min_opset for s in schemes))
         graph = model.graph
         nodes = [n for n in graph if self._is_quantizable(n)]
         if not nodes:
@@ -101,11 +112,17 @@ class InsertQDQ(CalibratedPass):
                 "constant weights); nothing to quantize"
             )
         tensors = self._activation_tensors(nodes)
+        self._schemes = {
+            name: self.edge_activations
+            if any(EDGE_LAYER in c.meta for c in value.consumers())
+            else self.activations
+            for name, value in tensors.items()
+        }
         params = self._calibrate(model, tensors)
         for node in nodes:
             self._quantize_weights(graph, node, params)
         for name, value in tensors.items():
-            if _holds_sentinels(params[name][0], self.activations):
+            if _holds_sentinels(params[name][0], self._schemes[name]):
                 logger.warning(
                     "%s: calibrated range beyond %g (a masking sentinel such as an attention "
                     "mask's finfo.min), left in float", name, SENTINEL_RANGE,
@@ -156,10 +173,13 @@ class InsertQDQ(CalibratedPass):
         unknown = [name for name in tensors if name not in ranges]
         if unknown:
             observers = self.context.observe(
-                model, unknown, lambda _: make_observer(self.activations), "calibrating activations"
+                model,
+                unknown,
+                lambda name: make_observer(self._schemes[name]),
+                "calibrating activations",
             )
-            ranges.update((name, o.range(self.activations)) for name, o in observers.items())
-        return {name: self.activations.scale_zero_point(*ranges[name]) for name in tensors}
+            ranges.update((name, o.range(self._schemes[name])) for name, o in observers.items())
+        return {name: self._schemes[name].scale_zero_point(*ranges[name]) for name in tensors}
 
     def _observed_ranges(self, tensors: dict[str, ir.Value]) -> dict[str, tuple]:
         """Min-max ranges an earlier pass already measured on the calibration data."""
@@ -185,7 +205,8 @@ class InsertQDQ(CalibratedPass):
             graph.insert_before(node, dq)
             node.replace_input_with(rule.weight, dq.outputs[0])
             return
-        w_scale, w_zero = weight_params(self.weights, weight, axis)
+        scheme = self.edge_weights if EDGE_LAYER in node.meta else self.weights
+        w_scale, w_zero = weight_params(scheme, weight, axis)
         bias = (
             constant(node.inputs[rule.bias])
             if rule.bias is not None and len(node.inputs) > rule.bias
@@ -195,17 +216,18 @@ class InsertQDQ(CalibratedPass):
             bias is not None
             and bias.ndim == 1
             and _is_plain_gemm(node)
-            and not (self.weights.is_float or self.activations.is_float)
+            and not (scheme.is_float or self.activations.is_float)
         )
         if quantize_bias:
             x_scale = params[node.inputs[0].name][0]
             w_scale = _widen_for_int32_bias(w_scale, bias, x_scale)
-        q = self.weights.quantize(
+        q = scheme.quantize(
             weight, _expand(w_scale, axis, weight.ndim), _expand(w_zero, axis, weight.ndim)
         )
         dq = _dequantize(
             graph, node.inputs[rule.weight].name, q, w_scale, w_zero, axis if w_scale.ndim else None
         )
+        dq.metadata_props[GRID] = f"{scheme.qmin} {scheme.qmax}"
         graph.insert_before(node, dq)
         node.replace_input_with(rule.weight, dq.outputs[0])
         if not quantize_bias:
@@ -220,12 +242,22 @@ class InsertQDQ(CalibratedPass):
 
     def _insert_pair(self, graph: ir.Graph, value: ir.Value, scale, zero_point) -> None:
         name = value.name
+        scheme = self._schemes[name]
         scale, zero_point = np.asarray(scale, np.float32), np.asarray(zero_point)
         scale_v = initializer(graph, f"{name}_scale", scale)
         zero_v = initializer(graph, f"{name}_zero_point", zero_point)
-        q = ir.node("QuantizeLinear", [value, scale_v, zero_v], name=f"{name}_QuantizeLinear")
+        source, clip = value, []
+        if scheme.narrow:  # Min and Max: ORT 1.32 fails on Clip -> QuantizeLinear(uint4)
+            high_low = grid_ends(scheme.qmin, scheme.qmax, scale, zero_point)[::-1]
+            for op, end in zip(("Min", "Max"), high_low, strict=True):
+                bound = initializer(graph, f"{name}_{op.lower()}", end)
+                clip.append(ir.node(op, [source, bound], name=f"{name}_{op}",
+                                    metadata_props={CLAMPS_TO_GRID: name}))
+                source = clip[-1].outputs[0]
+                source.name, source.dtype, source.shape = f"{name}_{op}", value.dtype, value.shape
+        q = ir.node("QuantizeLinear", [source, scale_v, zero_v], name=f"{name}_QuantizeLinear")
         q.outputs[0].name = f"{name}_quantized"
-        q.outputs[0].dtype = self.activations.ir_dtype
+        q.outputs[0].dtype = scheme.ir_dtype
         q.outputs[0].shape = value.shape
         dq = ir.node(
             "DequantizeLinear",
@@ -237,11 +269,11 @@ class InsertQDQ(CalibratedPass):
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, value.shape
         producer = value.producer()
         if producer is None:
-            graph.insert_before(graph[0], [q, dq])
+            graph.insert_before(graph[0], [*clip, q, dq])
         else:
-            graph.insert_after(producer, [q, dq])
+            graph.insert_after(producer, [*clip, q, dq])
         for usage in list(value.uses()):
-            if usage.node is not q:
+            if usage.node not in (q, *clip):
                 usage.node.replace_input_with(usage.idx, dq.outputs[0])
         if value.is_graph_output():
             index = next(i for i, o in enumerate(graph.outputs) if o is value)
@@ -252,6 +284,13 @@ class InsertQDQ(CalibratedPass):
 SENTINEL_RANGE = 1e30
 """An activation range beyond this holds masking sentinels (an attention mask's finfo.min, about
 -3.4e38), not data: its scale would round every real value to zero (docs/methods/fp8.md)."""
+
+
+def grid_ends(qmin: int, qmax: int, scale, zero_point) -> tuple[np.ndarray, np.ndarray]:
+    """The real values of the grid's ends, s(qmin - z) and s(qmax - z), in float32."""
+    scale = np.asarray(scale, np.float32)
+    zero = np.asarray(zero_point).astype(np.float32)
+    return (np.float32(qmin) - zero) * scale, (np.float32(qmax) - zero) * scale
 
 
 def _holds_sentinels(scale: np.ndarray, scheme: QuantScheme) -> bool:

@@ -43,7 +43,7 @@ class KeepLeadingLayersFloat(Pass):
         self.count = count
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        nodes = [n for n in model.graph if _is_weighted(n)][: self.count]
+        nodes = [n for n in model.graph if is_weighted(n)][: self.count]
         renamed = False
         taken = {n.name for n in model.graph}
         for position, node in enumerate(model.graph):
@@ -67,7 +67,7 @@ def _unique(name: str, taken: set[str]) -> str:
     return name
 
 
-def _is_weighted(node: ir.Node) -> bool:
+def is_weighted(node: ir.Node) -> bool:
     return (
         is_op(node, *WEIGHTED_OPS)
         and len(node.inputs) > 1

@@ -63,11 +63,12 @@ class QuantizeDynamicPerToken(Pass):
         return ir.passes.PassResult(model, modified=True)
 
     def _rewrite_matmul(self, graph: ir.Graph, node: ir.Node, xq: ir.Value, s: ir.Value) -> None:
-        weight = constant(node.inputs[1]).astype(np.float64)
-        w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-30) / self.weights.qmax
-        wq = np.clip(np.rint(weight / w_scale), self.weights.qmin, self.weights.qmax)
-        name = node.inputs[1].name or node.name
-        w = initializer(graph, f"{name}_quantized", wq.astype(np.int8))
+        old = node.inputs[1]
+        weight = constant(old)
+        peak = np.maximum(weight.max(axis=0), -weight.min(axis=0)).astype(np.float64)
+        w_scale = np.maximum(peak, 1e-30) / self.weights.qmax
+        name = old.name or node.name
+        w = initializer(graph, f"{name}_quantized", _quantize_rows(weight, w_scale, self.weights))
         w_zero = initializer(graph, f"{name}_zero_point", np.array(0, np.int8))
         a_zero = initializer(
             graph, f"{name}_a_zero_point", np.array(ACTIVATION_ZERO_POINT, np.uint8)
@@ -88,6 +89,22 @@ class QuantizeDynamicPerToken(Pass):
         old_name = out.name
         graph.remove(node, safe=True)
         by_row.outputs[0].name = old_name
+        if old.is_initializer() and not old.uses() and not old.is_graph_output():
+            graph.initializers.pop(old.name)  # its memory (or mapped file pages) freed now
+
+
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _quantize_rows(weight: np.ndarray, scale: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """`scheme.quantize(weight, scale, 0)`, a few rows at a time: its float64 temporaries stay
+    ~100 MB however large the weight (a 32k x 2048 lm_head would take 2 GB at once)."""
+    q = np.empty(weight.shape, scheme.np_dtype)
+    rows = max(1, _CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    zero = np.zeros_like(scale)
+    for start in range(0, weight.shape[0], rows):
+        q[start : start + rows] = scheme.quantize(weight[start : start + rows], scale, zero)
+    return q
 
 
 def _is_weight_matmul(node: ir.Node) -> bool:
