@@ -22,8 +22,11 @@ Per-tensor INT8 weights: ORT MinMax with per_channel=False, and qpass's `int8-te
 without and with cross-layer equalization, high-bias absorption and bias correction (both from a
 second export that keeps BatchNormalization, whose statistics high-bias absorption reads).
 
-W4A8 (per-channel INT4 weights, U8 activations): qpass's `w4a8-rtn` (round to nearest) and `w4a8`
-(AdaRound on blocks of layers, and with `--block-layers 1` layer by layer) presets. ONNX
+W4A8 (per-channel INT4 weights, U8 activations): qpass's `w4a8-rtn` (round to nearest), `w4a8`
+(AdaRound on blocks of layers, and with `--block-layers 1` layer by layer) and `w4a8-obq` (OBQ;
+with `--max-row 1` every layer takes GPTQ's update instead: GPTQ on the same grid) presets;
+W3A8 the same with `--bits 3`. The OBQ rows also print each layer's output error with OBQ's,
+GPTQ's and round to nearest's weights (the `OBQ` pass's `errors`). ONNX
 Runtime has no INT4 convolution: the int4 weights go through opset-21 DequantizeLinear and the
 convolutions run in float. `--rows TEXT...` runs FP32 and only the rows
 whose label contains one of the texts (e.g. `--rows W4A8`).
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -70,7 +74,12 @@ PER_TENSOR_ROWS = (("ORT MinMax per-tensor", "ort", "MinMax-tensor"),
 # round to nearest vs AdaRound
 W4A8_ROWS = (("qpass W4A8 RTN", "qpass", "w4a8-rtn"),
              ("qpass W4A8 AdaRound layer by layer", "qpass", "w4a8:block_layers=1"),
-             ("qpass W4A8 AdaRound blocks", "qpass", "w4a8"))
+             ("qpass W4A8 AdaRound blocks", "qpass", "w4a8"),
+             ("qpass W4A8 GPTQ (OBQ pass, max_row 1)", "qpass", "w4a8-obq:max_row=1"),
+             ("qpass W4A8 OBQ", "qpass", "w4a8-obq"))
+# W3A8: the same with 3-bit weights (8 levels of INT4)
+W3A8_ROWS = tuple((label.replace("W4A8", "W3A8"), tool, f"{method}:bits=3")
+                  for label, tool, method in W4A8_ROWS)
 # FP8 E4M3 and FP4-weight W4A8, ONNX Runtime simulation: "PRESET[:SCALE_CONSTRAINT]"
 # "fl9+bc": the first 9 weighted layers in float and bias correction (the fp8 preset's options)
 _FL9_BC = "float_layers=9:correct_bias=true"
@@ -128,7 +137,9 @@ def _ort_reader(calib: np.ndarray, name: str, batch: int):
 
 
 def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str) -> int:
-    """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB)."""
+    """Compile one model, then print JSON with compile wall time (s) and peak RSS (MB) (and the
+    per-layer errors of an OBQ compile)."""
+    extra = {}
     if tool == "ort":
         import onnxruntime as ort
         from onnxruntime.quantization import (
@@ -160,6 +171,19 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(json.dumps({"compile_s": wall, "peak_rss_mb": child_mb, "rc": rc}))
         return rc
+    elif method.startswith("w4a8-obq"):  # through the API, to keep the per-layer errors
+        import qpass
+        from qpass import presets
+        from qpass.passes import OBQ
+
+        options = dict(option.split("=") for option in method.split(":")[1:])
+        passes = presets.passes("w4a8-obq", **{k: int(v) for k, v in options.items()})
+        obq = next(p for p in passes if isinstance(p, OBQ))
+        start = time.perf_counter()
+        qpass.compile(model, passes, calibration=calib, batch_size=int(batch),
+                      progress=False).save(out)
+        extra["layer_errors"] = {name: dataclasses.asdict(e) for name, e in obq.errors.items()}
+        rc = 0
     elif method == "int8-tensor-plain":  # per-tensor baseline: the preset without its DFQ passes
         import qpass
         from qpass import presets
@@ -190,7 +214,7 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
     wall = time.perf_counter() - start
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb() or maxrss_mb,
-                      "ru_maxrss_mb": maxrss_mb, "rc": rc}))
+                      "ru_maxrss_mb": maxrss_mb, "rc": rc, **extra}))
     return rc
 
 
@@ -344,7 +368,7 @@ def bench_model(model: str, work: Path, quick: bool, only: list[str] | None = No
     specs += [("qpass" if m == "default" else f"qpass {m}", "qpass", m) for m in QPASS_METHODS]
     specs += [FLOAT_LOGITS_ROW]
     specs += list(PER_TENSOR_ROWS)
-    specs += list(W4A8_ROWS)
+    specs += list(W4A8_ROWS) + list(W3A8_ROWS)
     if model == "efficientnet_lite0":
         specs += list(FLOAT_FORMAT_ROWS) + (list(MODELOPT_ROWS) if MODELOPT_PYTHON else [])
     if only:
@@ -445,6 +469,56 @@ def table(rows: list[dict]) -> str:
     return "\n".join(join(ln) for ln in [header, *lines])
 
 
+def layer_error_table(rows: list[dict]) -> str:
+    """Per-layer output errors of the OBQ rows: OBQ, GPTQ (decreasing diag H, and input order),
+    round to nearest, and what the pass kept (OBQ's or GPTQ's integers per row)."""
+    lines = []
+    for r in rows:
+        errors = r.get("layer_errors")
+        if not errors or r["method"].endswith("max_row=1"):
+            continue
+        lines += [f"\n{r['row']}: layer output errors (mean squared, summed over outputs)",
+                  f"{'layer':<14} {'OBQ':>10} {'GPTQ':>10} {'GPTQ in':>10} {'RTN':>10} "
+                  f"{'kept':>10} {'GPTQ rows':>9}  OBQ<GPTQ"]
+        for name, e in errors.items():
+            obq = f"{e['obq']:10.4g}" if e["exact"] else f"{'-':>10}"
+            lines.append(f"{name:<14} {obq} {e['gptq']:10.4g} {e['gptq_input_order']:10.4g} "
+                         f"{e['nearest']:10.4g} {e['kept']:10.4g} {100 * e['gptq_rows']:8.0f}%  "
+                         f"{e['obq'] < e['gptq'] if e['exact'] else 'row > max_row: GPTQ'}")
+        exact = [e for e in errors.values() if e["exact"]]
+        lines.append(f"OBQ below GPTQ on {sum(e['obq'] < e['gptq'] for e in exact)} of the "
+                     f"{len(exact)} layers it ran on ({len(errors)} in all); kept below GPTQ on "
+                     f"{sum(e['kept'] < e['gptq'] for e in errors.values())}")
+    return "\n".join(lines)
+
+
+def obq_layer_errors(bits: int, images: int, max_row: int) -> str:
+    """The `OBQ` pass alone on ResNet20 (after InsertQDQ as in `w4a8-obq`): its per-layer errors
+    and wall time, without compiling or evaluating a model."""
+    import onnx_ir as ir
+
+    from benchmarks import data
+    from qpass.calibration import Context
+    from qpass.passes import OBQ, FoldBatchNorm, InsertQDQ
+    from qpass.presets import canonicalize
+    from qpass.presets.cnn import weight_scheme
+
+    calib, _ = data.cifar10("calibration", images)
+    with tempfile.TemporaryDirectory() as folder:
+        model = ir.load(export("resnet20", calib[:2], Path(folder) / "fp32.onnx"))
+    context = Context({"input": calib}, model.graph, batch_size=BATCH, progress=False)
+    scheme = weight_scheme(bits)
+    obq = OBQ(context, precision=scheme.precision, max_row=max_row)
+    start = time.perf_counter()
+    for p in (*canonicalize(), FoldBatchNorm(), obq.snapshot(),
+              InsertQDQ(context, weights=scheme), obq):
+        model = p(model).model
+    rows = [{"method": f"w4a8-obq:bits={bits}",
+             "layer_errors": {n: dataclasses.asdict(e) for n, e in obq.errors.items()},
+             "row": f"OBQ W{bits}A8, {images} images, max_row {max_row}"}]
+    return f"{layer_error_table(rows)}\nOBQ pass: {time.perf_counter() - start:.1f} s"
+
+
 def versions() -> dict:
     """Versions of the packages that decide the numbers."""
     import onnx
@@ -478,12 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep exported/quantized models here")
     parser.add_argument("--rows", nargs="+", metavar="TEXT",
                         help="only FP32 and the rows whose label contains one of these")
+    parser.add_argument("--obq-layers", nargs=3, type=int, metavar=("BITS", "IMAGES", "MAX_ROW"),
+                        help="only OBQ's per-layer errors on ResNet20 (no top-1): BITS-bit "
+                             "weights, IMAGES calibration images, rows up to MAX_ROW by OBQ")
     parser.add_argument("--worker", nargs=6,
                         metavar=("TOOL", "METHOD", "BATCH", "MODEL", "CALIB", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
+    if args.obq_layers:
+        print(obq_layer_errors(*args.obq_layers))
+        return 0
 
     command = shlex.join(["python", "-m", "benchmarks.cnn", *(sys.argv[1:] if argv is None
                                                                else argv)])
@@ -499,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             n_eval = model_rows[0]["n_eval"]
             print(f"\n== {model}: top-1 on {n_eval} images; ORT* = best-accuracy ORT row ==")
             print(table(model_rows), flush=True)
+            print(layer_error_table(model_rows), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": command, "versions": info, "quick": args.quick,
               "calibration_batch": BATCH, "rows": rows}

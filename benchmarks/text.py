@@ -1,6 +1,6 @@
 """Text benchmark: all-MiniLM-L6-v2 on STS-B, FP32 vs ONNX Runtime's quantizers vs qpass presets.
 
-    python -m benchmarks.text [--quick] [--out FILE]
+    python -m benchmarks.text [--quick] [--out FILE] [--rows TEXT...]
 
 Data (../shared/data/text/sts-b/dev.tsv, no header; columns 7 and 8 are the sentences, 9 the
 gold score): calibration = the 200 sentences of pairs 0-99, evaluation = pairs 100-1499 (1400
@@ -10,7 +10,9 @@ pairs, 2800 sentences). Metric: Spearman x 100 between the cosine similarity of 
 row. Latency: one batch of 32 evaluation sentences (padded to its longest), median per run.
 
 Rows: FP32; ORT quantize_dynamic (per_channel off and on); ORT quantize_static QDQ MinMax
-(U8 activations, S8 per-channel weights); each qpass preset. Each compile runs in its own
+(U8 activations, S8 per-channel weights); each qpass preset; `w8a8-smoothquant` at
+ZeroQuant-HERO's levels M1, M2 and M3 (`--level`). `--rows TEXT...` runs FP32 and only the rows
+whose label contains one of the texts. Each compile runs in its own
 subprocess (wall time and peak RSS, VmHWM). Internal worker (one compile, prints JSON):
 
     python -m benchmarks.text --worker TOOL METHOD MODEL.onnx CALIB.npz OUT.onnx
@@ -43,6 +45,8 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 QPASS_PRESETS = ("w8a8-dynamic", "w8a8-smoothquant")
 # FP8 E4M3 and W4A8-FP (FP4 weights), ONNX Runtime simulation: preset names as above
 FLOAT_FORMAT_PRESETS = ("fp8", "w4a8-fp")
+# ZeroQuant-HERO levels of w8a8-smoothquant: "PRESET[:option=value...]"
+HERO_METHODS = tuple(f"w8a8-smoothquant:level={level}" for level in ("m1", "m2", "m3"))
 WORKER_TIMEOUT_S = 1800
 
 
@@ -202,8 +206,10 @@ def worker(tool: str, method: str, model: str, calib: str, out: str) -> int:
     else:
         from qpass import cli
 
-        rc = cli.main(["compile", model, "-o", out, "--preset", method, "--calib", calib, "-q",
-                       "--batch-size", "8"])
+        preset, *options = method.split(":")  # "level=m2" -> --level m2
+        flags = [arg for o in options for arg in (f"--{o.split('=')[0]}", o.split("=")[1])]
+        rc = cli.main(["compile", model, "-o", out, "--preset", preset, "--calib", calib, "-q",
+                       "--batch-size", "8", *flags])
     wall = time.perf_counter() - start
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
     return rc
@@ -219,9 +225,10 @@ ROWS = [
     ("ORT quantize_static QDQ MinMax", "ort-static", "MinMax"),
     *[(f"qpass {p}", "qpass", p) for p in QPASS_PRESETS],
     *[(f"qpass {p}", "qpass", p) for p in FLOAT_FORMAT_PRESETS],
+    *[(f"qpass w8a8-smoothquant HERO {m[-2:].upper()}", "qpass", m) for m in HERO_METHODS],
 ]
 KERNELS = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulInteger",
-           "MatMul", "QuantizeLinear", "DynamicQuantizeLinear")
+           "MatMul", "QLinearAdd", "QuantizeLinear", "DynamicQuantizeLinear")
 
 
 def measure_latency(rows: list[dict], feed: dict, rounds: int, repeat: int) -> None:
@@ -245,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200 evaluation pairs, 2 rounds")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/text.json")
     parser.add_argument("--work", type=Path, help="folder for the models (default: a temp dir)")
+    parser.add_argument("--rows", nargs="+", metavar="TEXT",
+                        help="only FP32 and the rows whose label contains one of these")
     parser.add_argument("--worker", nargs=5, metavar=("TOOL", "METHOD", "MODEL", "CALIB", "OUT"))
     args = parser.parse_args(argv)
     if args.worker:
@@ -260,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(calib, **calibration_arrays(tok))
     rows_eval = range(100, 300) if args.quick else EVAL_PAIRS
     rows = []
-    for label, tool, method in ROWS:
+    chosen = [r for r in ROWS
+              if not args.rows or r[1] == "fp32" or any(t in r[0] for t in args.rows)]
+    for label, tool, method in chosen:
         path = fp32 if tool == "fp32" else work / f"{tool}_{method}.onnx"
         row = {"row": label, "tool": tool, "method": method, "path": str(path),
                "calibration": "sentences of pairs 0-99 (200)",

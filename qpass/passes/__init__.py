@@ -14,6 +14,7 @@ from qpass.passes.fold_pad import FoldPadIntoConv
 from qpass.passes.fuse_requant import FuseRequant
 from qpass.passes.ggml_weights import QuantizeGGML
 from qpass.passes.gptq import GPTQ
+from qpass.passes.hero_level import HeroLevel
 from qpass.passes.insert_qdq import InsertQDQ
 from qpass.passes.keep_leading_float import KeepLeadingLayersFloat
 from qpass.passes.keep_small_convs_float import KeepSmallConvsFloat
@@ -23,6 +24,7 @@ from qpass.passes.lower_integer_matmul import LowerIntegerMatMul
 from qpass.passes.lower_matmulnbits import LowerToMatMulNBits
 from qpass.passes.lower_onnxruntime import LowerForOnnxRuntime
 from qpass.passes.lower_tensorrt import LowerForTensorRT
+from qpass.passes.obq import OBQ
 from qpass.passes.place_float8 import PlaceFloat8ForOnnxRuntime
 from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
 from qpass.passes.quantize_lm_head import QuantizeLMHead
@@ -33,6 +35,7 @@ from qpass.passes.smoothquant import SmoothQuant
 __all__ = [
     "AWQ",
     "GPTQ",
+    "OBQ",
     "AbsorbHighBias",
     "AdaRound",
     "BlockAdaRound",
@@ -43,6 +46,7 @@ __all__ = [
     "FoldConstants",
     "FoldPadIntoConv",
     "FuseRequant",
+    "HeroLevel",
     "InsertQDQ",
     "KeepEdgeLayersWide",
     "KeepLeadingLayersFloat",

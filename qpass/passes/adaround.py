@@ -65,6 +65,8 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
     at most 128M multiply-adds). Torch runs on `threads` threads: one by default, because on
     a shared 2-core machine a second spinning thread slows these small products several times.
     Per-layer results are kept in `self.results` (`LayerResult`, by layer output name).
+    `precision`: the weights' bits when fewer than their type's (`QuantScheme.precision`): the
+    learned integers stay within that range.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
         lr: float = 5e-2,
         held_out: float = 0.0,
         threads: int | None = 1,
+        precision: int | None = None,
         seed: int = 0,
     ):
         super().__init__(context)
@@ -94,7 +97,7 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
         self.iterations, self.batch_rows = iterations, batch_rows
         self.rows, self.row_bytes = rows, row_bytes
         self.reg_weight, self.beta, self.warmup, self.lr = reg_weight, beta, warmup, lr
-        self.threads, self.seed = threads, seed
+        self.threads, self.seed, self.precision = threads, seed, precision
         self.float_model: bytes | None = None
         self.float_layers: dict[str, _FloatLayer] = {}
         self.results: dict[str, LayerResult] = {}
@@ -167,13 +170,12 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
                      target: np.ndarray) -> LayerResult:
         reference, shape = layer.reference, layer.reference.shape
         seed = (self.seed, index)
-        request = (layer.node.inputs[0].name, shape, self._rows_per_sample(shape), seed)
-        (inputs,) = _sample_rows(self.context, model, [request])
+        inputs = self.layer_rows(model, layer, index)
         integers = constant(layer.dq.inputs[0])
         scale, zero = full_scale_zero(layer.dq, integers.shape)
         rounding = _Rounding(
             shape.canonical(reference.weight), shape.canonical(scale), shape.canonical(zero),
-            integer_range(integers.dtype), reference, shape.canonical(integers),
+            integer_range(integers.dtype, self.precision), reference, shape.canonical(integers),
         )
         with tqdm(total=self.iterations, desc=f"AdaRound {index + 1}/{total}", unit="it",
                   disable=not self.context.progress, leave=False) as bar:
@@ -186,6 +188,15 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
             ", kept round to nearest" if result.kept_nearest else "",
         )
         return result
+
+    def layer_rows(self, model: ir.Model, layer: RoundableLayer, index: int) -> np.ndarray:
+        """The sampled input rows [groups, R, depth] of the `index`-th layer in `model` (rows
+        and positions seeded by `index`), from one run of `model`."""
+        shape = layer.reference.shape
+        request = (layer.node.inputs[0].name, shape, self._rows_per_sample(shape),
+                   (self.seed, index))
+        (inputs,) = _sample_rows(self.context, model, [request])
+        return inputs
 
     def _rows_per_sample(self, shape: _Shape) -> int:
         samples = max(self.context.data.num_samples, 1)

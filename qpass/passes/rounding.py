@@ -27,9 +27,15 @@ INTEGER_RANGES = {
 """The integer weight types a learned rounding covers, with their (min, max)."""
 
 
-def integer_range(dtype: np.dtype) -> tuple[int, int]:
-    """(min, max) of an integer weight type (numpy dtype, one of `INTEGER_RANGES`)."""
-    return INTEGER_RANGES[ir.DataType.from_numpy(dtype)]
+def integer_range(dtype: np.dtype, precision: int | None = None) -> tuple[int, int]:
+    """(min, max) of an integer weight type (numpy dtype, one of `INTEGER_RANGES`), narrowed to
+    `precision` bits when given (as `QuantScheme.precision`)."""
+    low, high = INTEGER_RANGES[ir.DataType.from_numpy(dtype)]
+    if precision is None:
+        return low, high
+    if low < 0:
+        return -(1 << (precision - 1)), (1 << (precision - 1)) - 1
+    return 0, (1 << precision) - 1
 
 
 def initial_logits(scaled: np.ndarray) -> np.ndarray:

@@ -1,10 +1,13 @@
-"""Integer presets for convolutional networks: int8, int8-tensor, w4a8, w4a8-rtn."""
+"""Integer presets for convolutional networks: int8, int8-tensor, w4a8, w4a8-rtn, w4a8-obq."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import onnx_ir as ir
 
 from qpass.passes import (
+    OBQ,
     AbsorbHighBias,
     AdaRound,
     BlockAdaRound,
@@ -19,6 +22,14 @@ from qpass.targets import Target
 
 ITERATIONS = Option("iterations", int, "AdaRound steps per block or layer", 500, minimum=1)
 ADAROUND = Option("adaround", bool, "learn each weight's rounding (AdaRound)", False)
+BITS = Option("bits", int, "weight bits: 4, or 3 (W3A8: 8 of the INT4 levels, [-4, 3])", 4,
+              choices=(3, 4))
+
+
+def weight_scheme(bits: int):
+    """S4 per-channel weights, or S3 stored as INT4 (ONNX has no 3-bit type)."""
+    return WEIGHT_INT4_CHANNEL if bits == 4 else dataclasses.replace(WEIGHT_INT4_CHANNEL,
+                                                                      precision=bits)
 
 
 def integer_pipeline(
@@ -94,6 +105,7 @@ def int8_tensor(
         ITERATIONS,
         Option("block_layers", int, "layers whose rounding is learned together on their block's "
                "output (1: layer by layer)", 4, minimum=1),
+        BITS,
     ),
 )
 def w4a8(
@@ -103,22 +115,48 @@ def w4a8(
     adaround: bool,
     iterations: int,
     block_layers: int,
+    bits: int = 4,
 ) -> list[ir.passes.PassBase]:
     """S4 symmetric per-channel weights and U8 per-tensor activations on every Conv, Gemm and
     MatMul with a constant weight, the rounding learned on the calibration data on the output of
     blocks of up to `block_layers` layers (AdaRound, Nagel et al. 2020, as BRECQ, Li et al. 2021).
     ONNX Runtime has no INT4 convolution kernel: the weights are read through opset-21
-    DequantizeLinear and the convolution runs in float on Q/DQ activations."""
+    DequantizeLinear and the convolution runs in float on Q/DQ activations. `bits=3`: W3A8."""
     activations = target.int8_activations(calibrator)
-    quantize = InsertQDQ(weights=WEIGHT_INT4_CHANNEL, activations=activations, exclude=exclude)
+    quantize = InsertQDQ(weights=weight_scheme(bits), activations=activations, exclude=exclude)
+    precision = weight_scheme(bits).precision
     rounding = (
-        AdaRound(iterations=iterations)
+        AdaRound(iterations=iterations, precision=precision)
         if block_layers == 1
-        else BlockAdaRound(iterations=iterations, block_layers=block_layers)
+        else BlockAdaRound(iterations=iterations, block_layers=block_layers, precision=precision)
     )
     return integer_pipeline(target, quantize, *([rounding] if adaround else []))
 
 
-@preset("w4a8-rtn", "w4a8 with round-to-nearest weights (the baseline)", options=(CALIBRATOR,))
-def w4a8_rtn(target: Target, exclude: frozenset[str], calibrator: str):
-    return w4a8(target, exclude, calibrator, adaround=False, iterations=1, block_layers=1)
+@preset("w4a8-rtn", "w4a8 with round-to-nearest weights (the baseline)",
+        options=(CALIBRATOR, BITS))
+def w4a8_rtn(target: Target, exclude: frozenset[str], calibrator: str, bits: int):
+    return w4a8(target, exclude, calibrator, adaround=False, iterations=1, block_layers=1,
+                bits=bits)
+
+
+@preset(
+    "w4a8-obq",
+    "w4a8 with each weight's integer chosen by OBQ (exact greedy OBS quantization)",
+    options=(
+        CALIBRATOR,
+        BITS,
+        Option("max_row", int, "longest row (inputs x kernel) OBQ quantizes; longer ones get "
+               "GPTQ's update", 4096, minimum=1),
+    ),
+)
+def w4a8_obq(target: Target, exclude: frozenset[str], calibrator: str, bits: int, max_row: int):
+    """w4a8's grid (S4, or S3 with `bits=3`, per channel; U8 activations) with the integers
+    chosen layer by layer by OBQ (Frantar & Alistarh 2022) on the calibration data: each row's
+    weights quantized greedily in the order that raises the layer's output error least, the
+    rest updated through the exact inverse Hessian (`OBQ`). Layers with rows longer than
+    `max_row` get GPTQ's update instead (OBQ's cost grows with the cube of the row length)."""
+    activations = target.int8_activations(calibrator)
+    scheme = weight_scheme(bits)
+    quantize = InsertQDQ(weights=scheme, activations=activations, exclude=exclude)
+    return integer_pipeline(target, quantize, OBQ(precision=scheme.precision, max_row=max_row))

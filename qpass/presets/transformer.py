@@ -7,6 +7,7 @@ import dataclasses
 import onnx_ir as ir
 
 from qpass.passes import (
+    HeroLevel,
     InsertQDQ,
     KeepSensitiveFloat,
     LowerIntegerMatMul,
@@ -35,6 +36,11 @@ ALPHA = Option(
     "alpha", smoothing_strength, "SmoothQuant migration strength in [0, 1], or 'auto' to search "
     "it per layer", 0.8,
 )
+LEVEL = Option(
+    "level", str, "ZeroQuant-HERO level: m1 (GEMMs with weights in int8), m2 (also attention's "
+    "Q·Kᵀ and softmax·V), m3 (also the residual Adds before LayerNorm)", "m1",
+    choices=("m1", "m2", "m3"),
+)
 KEEP_FLOAT = Option(
     "keep_float", int, "leave the N layers most sensitive to quantization in float", 0, minimum=0
 )
@@ -53,25 +59,33 @@ def _sensitive_float(quantize, exclude: frozenset[str], count: int) -> list[ir.p
 @preset(
     "w8a8-smoothquant",
     "W8A8 static for transformers: SmoothQuant, then S8 weights and U8 activations on MatMuls",
-    options=(CALIBRATOR, ALPHA, KEEP_FLOAT),
+    options=(CALIBRATOR, ALPHA, KEEP_FLOAT, LEVEL),
 )
 def w8a8_smoothquant(
-    target: Target, exclude: frozenset[str], calibrator: str, alpha: float | str, keep_float: int
+    target: Target,
+    exclude: frozenset[str],
+    calibrator: str,
+    alpha: float | str,
+    keep_float: int,
+    level: str = "m1",
 ) -> list[ir.passes.PassBase]:
     """SmoothQuant (Xiao et al. 2023; `alpha`, or "auto": searched per layer), then S8 symmetric
     per-channel weights and U8 per-tensor calibrated activations on every MatMul/Gemm with a
     constant weight (attention's activation x activation MatMuls, Softmax, LayerNorm and residual
     Adds stay float), lowered to ORT's MatMulIntegerToFloat with the bias in the kernel (the QDQ
     form before `LowerIntegerMatMul` is standard ONNX). `keep_float=N` leaves the N layers most
-    sensitive to quantization (on the calibration data, after smoothing) in float."""
+    sensitive to quantization (on the calibration data, after smoothing) in float. `level`:
+    ZeroQuant-HERO's M1 (the above), M2 (also attention's activation x activation MatMuls) or
+    M3 (also the residual Adds), per-tensor U8 activations throughout (`HeroLevel`)."""
     activations = target.int8_activations(calibrator)
 
     def quantize(excluded: frozenset[str]) -> list[ir.passes.PassBase]:
         return [
+            HeroLevel(level),
             InsertQDQ(
-                weights=WEIGHT_INT8, activations=activations, op_types=("MatMul", "Gemm"),
-                exclude=excluded, computed_weights=False,
-            )
+                weights=WEIGHT_INT8, activations=activations, op_types=("MatMul", "Gemm", "Add"),
+                exclude=excluded,
+            ),
         ]
 
     return [
