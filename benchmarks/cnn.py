@@ -508,7 +508,7 @@ def obq_layer_errors(bits: int, images: int, max_row: int) -> str:
         model = ir.load(export("resnet20", calib[:2], Path(folder) / "fp32.onnx"))
     context = Context({"input": calib}, model.graph, batch_size=BATCH, progress=False)
     scheme = weight_scheme(bits)
-    obq = OBQ(context, precision=scheme.precision, max_row=max_row)
+    obq = OBQ(context, max_row=max_row)
     start = time.perf_counter()
     for p in (*canonicalize(), FoldBatchNorm(), obq.snapshot(),
               InsertQDQ(context, weights=scheme), obq):

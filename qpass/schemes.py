@@ -69,9 +69,6 @@ class QuantScheme:
             M2 is also written with ceil; with qpass's convention (q = x / S) ceil gives
             S_i' <= S_i and cuts a channel's range by up to 2x (measured in
             docs/methods/fp8.md).
-        precision: integer types only: use only 2^precision of the type's levels, [-2^(p-1),
-            2^(p-1) - 1] (or [0, 2^p - 1] unsigned), e.g. 3-bit weights stored as INT4 (ONNX
-            has no 3-bit type); None: the whole type.
     """
 
     dtype: str = "uint8"
@@ -81,16 +78,8 @@ class QuantScheme:
     percentile: float = 99.999
     group_size: int | None = None
     scale_constraint: ScaleConstraint = "float"
-    precision: int | None = None
 
     def __post_init__(self) -> None:
-        if self.precision is not None and not (
-            self.dtype in _INTEGER_TYPES and 2 <= self.precision < self.bits
-        ):
-            raise ValueError(
-                f"precision {self.precision} needs an integer type of more bits (and >= 2), "
-                f"not {self.dtype}"
-            )
         if self.dtype not in _TYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {list(_TYPES)}")
         if self.dtype in _FLOAT_TYPES:
@@ -147,14 +136,10 @@ class QuantScheme:
         low = _TYPES[self.dtype][2]
         if self.is_float:
             return low
-        if self.precision is not None:
-            return -(1 << (self.precision - 1)) if low < 0 else 0
         return low + 1 if self.symmetric and low < 0 and self.bits == 8 else low
 
     @property
     def qmax(self) -> int:
-        if self.precision is not None:
-            return (1 << (self.precision - (_TYPES[self.dtype][2] < 0))) - 1
         return _TYPES[self.dtype][3]
 
     def scale_zero_point(self, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from qpass.passes.rounding import (
     INTEGER_RANGES,
     full_scale_zero,
     initial_logits,
-    integer_range,
+    integer_grid,
     rectified_sigmoid,
     torch_threads,
 )
@@ -64,9 +64,9 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
     `batch_rows` random rows (fewer for wide layers: a step reads at most 4M inputs and does
     at most 128M multiply-adds). Torch runs on `threads` threads: one by default, because on
     a shared 2-core machine a second spinning thread slows these small products several times.
-    Per-layer results are kept in `self.results` (`LayerResult`, by layer output name).
-    `precision`: the weights' bits when fewer than their type's (`QuantScheme.precision`): the
-    learned integers stay within that range.
+    Per-layer results are kept in `self.results` (`LayerResult`, by layer output name). The
+    learned integers stay within the weight's grid (`integer_grid`: 3 bits in an INT4 tensor
+    stay in [-4, 3]).
     """
 
     def __init__(
@@ -83,7 +83,6 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
         lr: float = 5e-2,
         held_out: float = 0.0,
         threads: int | None = 1,
-        precision: int | None = None,
         seed: int = 0,
     ):
         super().__init__(context)
@@ -97,7 +96,7 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
         self.iterations, self.batch_rows = iterations, batch_rows
         self.rows, self.row_bytes = rows, row_bytes
         self.reg_weight, self.beta, self.warmup, self.lr = reg_weight, beta, warmup, lr
-        self.threads, self.seed, self.precision = threads, seed, precision
+        self.threads, self.seed = threads, seed
         self.float_model: bytes | None = None
         self.float_layers: dict[str, _FloatLayer] = {}
         self.results: dict[str, LayerResult] = {}
@@ -175,7 +174,7 @@ class AdaRound(ReadsFloatModel, CalibratedPass):
         scale, zero = full_scale_zero(layer.dq, integers.shape)
         rounding = _Rounding(
             shape.canonical(reference.weight), shape.canonical(scale), shape.canonical(zero),
-            integer_range(integers.dtype, self.precision), reference, shape.canonical(integers),
+            integer_grid(layer.dq, integers.dtype), reference, shape.canonical(integers),
         )
         with tqdm(total=self.iterations, desc=f"AdaRound {index + 1}/{total}", unit="it",
                   disable=not self.context.progress, leave=False) as bar:

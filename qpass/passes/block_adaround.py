@@ -16,7 +16,7 @@ from qpass.passes.rounding import (
     INTEGER_RANGES,
     full_scale_zero,
     initial_logits,
-    integer_range,
+    integer_grid,
     rectified_sigmoid,
     torch_threads,
 )
@@ -84,7 +84,7 @@ class BlockAdaRound(AdaRound):
 
     def _round_block(self, model: ir.Model, block: _Block, program: BlockProgram, number: int):
         inputs, targets = self._block_samples(model, block)
-        roundings = [_SoftWeight(layer, self.precision) for layer in block.layers]
+        roundings = [_SoftWeight(layer) for layer in block.layers]
         with tqdm(total=self.iterations, desc=f"Block AdaRound {number + 1}", unit="it",
                   disable=not self.context.progress, leave=False) as bar:
             result = _learn(self, program, roundings, inputs, targets, bar.update)
@@ -365,7 +365,7 @@ def _quantize(node, inputs):
     x, scale, *rest = inputs
     zero_value = node.inputs[2] if len(node.inputs) > 2 else None
     zero = rest[0] if rest and rest[0] is not None else 0.0
-    low, high = integer_range(constant(zero_value).dtype) if zero_value else (0, 255)
+    low, high = integer_grid(node, constant(zero_value).dtype) if zero_value else (0, 255)
     scaled = x / scale + zero
     return (scaled + (scaled.round() - scaled).detach()).clamp(low, high)
 
@@ -399,7 +399,7 @@ _OPS = {
 class _SoftWeight:
     """One layer's weight s (clip(floor(W/s) + h(V) + z) - z), in the weight's own layout."""
 
-    def __init__(self, layer: RoundableLayer, precision: int | None):
+    def __init__(self, layer: RoundableLayer):
         import torch
 
         integers = constant(layer.dq.inputs[0])
@@ -408,7 +408,7 @@ class _SoftWeight:
         self.nearest = integers.astype(np.float64)
         self.integers = self.nearest
         self.floor = np.floor(scaled) + zero
-        self.limits = integer_range(integers.dtype, precision)
+        self.limits = integer_grid(layer.dq, integers.dtype)
         self.scale, self.zero = scale, zero
         self.v = torch.tensor(initial_logits(scaled), dtype=torch.float32, requires_grad=True)
         self._floor = torch.from_numpy(self.floor.astype(np.float32))

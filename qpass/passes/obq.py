@@ -14,7 +14,7 @@ from qpass.calibration import Context
 from qpass.errors import QpassError
 from qpass.graph import constant, set_constant
 from qpass.passes.adaround import AdaRound, RoundableLayer
-from qpass.passes.rounding import full_scale_zero, integer_range, torch_threads
+from qpass.passes.rounding import full_scale_zero, integer_grid, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,6 @@ class OBQ(AdaRound):
     GPTQ's update is OBQ's with the order fixed in advance: a row quantized by GPTQ in the order
     OBQ chose for it gets OBQ's integers. Per-layer output errors of OBQ, GPTQ (same grid and
     H) and round to nearest are kept in `self.errors` (`LayerErrors`, by layer output name).
-    `precision`: the weights' bits when fewer than their type's (`QuantScheme.precision`).
     Rows are sampled as AdaRound's (`rows`, `row_bytes`). Torch runs on `threads` threads (one
     by default: on a shared 2-core machine a second thread made a 64 x 144 layer 30x slower).
     """
@@ -82,12 +81,11 @@ class OBQ(AdaRound):
         memory: int = 256 << 20,
         rows: int = 65536,
         row_bytes: int = 128 << 20,
-        precision: int | None = None,
         best_of_gptq: bool = True,
         threads: int | None = 1,
         seed: int = 0,
     ):
-        super().__init__(context, rows=rows, row_bytes=row_bytes, precision=precision,
+        super().__init__(context, rows=rows, row_bytes=row_bytes,
                          threads=threads, seed=seed)
         if max_row < 1 or 8 * max_row * max_row > memory:
             largest = int((memory // 8) ** 0.5)
@@ -113,7 +111,7 @@ class OBQ(AdaRound):
         integers = constant(layer.dq.inputs[0])
         scale, zero = full_scale_zero(layer.dq, integers.shape)
         weight, scale, zero = (shape.canonical(a) for a in (layer.reference.weight, scale, zero))
-        limits = integer_range(integers.dtype, self.precision)
+        limits = integer_grid(layer.dq, integers.dtype)
         exact = shape.depth <= self.max_row
         if not exact:
             logger.warning("%s: rows of %d weights are longer than OBQ's max_row %d: quantized "

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from qpass.graph import attribute, constant
+from qpass.metadata import GRID
 
 ZETA, GAMMA = 1.1, -0.1
 """Stretch of the rectified sigmoid: h(V) reaches 0 and 1 at finite V."""
@@ -27,15 +29,15 @@ INTEGER_RANGES = {
 """The integer weight types a learned rounding covers, with their (min, max)."""
 
 
-def integer_range(dtype: np.dtype, precision: int | None = None) -> tuple[int, int]:
-    """(min, max) of an integer weight type (numpy dtype, one of `INTEGER_RANGES`), narrowed to
-    `precision` bits when given (as `QuantScheme.precision`)."""
-    low, high = INTEGER_RANGES[ir.DataType.from_numpy(dtype)]
-    if precision is None:
-        return low, high
-    if low < 0:
-        return -(1 << (precision - 1)), (1 << (precision - 1)) - 1
-    return 0, (1 << precision) - 1
+def integer_grid(node: ir.Node, dtype: np.dtype) -> tuple[int, int]:
+    """(min, max) of the integers a Q/DQ node's quantizer uses: its GRID metadata (InsertQDQ
+    writes its scheme's qmin/qmax: 3- and 2-bit grids live in 4-bit tensors), else the whole
+    range of its storage type `dtype`."""
+    if GRID in node.metadata_props:
+        low, high = node.metadata_props[GRID].split()
+        return int(low), int(high)
+    info = ml_dtypes.iinfo(dtype)
+    return int(info.min), int(info.max)
 
 
 def initial_logits(scaled: np.ndarray) -> np.ndarray:

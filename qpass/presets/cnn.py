@@ -28,8 +28,7 @@ BITS = Option("bits", int, "weight bits: 4, or 3 (W3A8: 8 of the INT4 levels, [-
 
 def weight_scheme(bits: int):
     """S4 per-channel weights, or S3 stored as INT4 (ONNX has no 3-bit type)."""
-    return WEIGHT_INT4_CHANNEL if bits == 4 else dataclasses.replace(WEIGHT_INT4_CHANNEL,
-                                                                      precision=bits)
+    return dataclasses.replace(WEIGHT_INT4_CHANNEL, dtype=f"int{bits}")
 
 
 def integer_pipeline(
@@ -124,11 +123,10 @@ def w4a8(
     DequantizeLinear and the convolution runs in float on Q/DQ activations. `bits=3`: W3A8."""
     activations = target.int8_activations(calibrator)
     quantize = InsertQDQ(weights=weight_scheme(bits), activations=activations, exclude=exclude)
-    precision = weight_scheme(bits).precision
     rounding = (
-        AdaRound(iterations=iterations, precision=precision)
+        AdaRound(iterations=iterations)
         if block_layers == 1
-        else BlockAdaRound(iterations=iterations, block_layers=block_layers, precision=precision)
+        else BlockAdaRound(iterations=iterations, block_layers=block_layers)
     )
     return integer_pipeline(target, quantize, *([rounding] if adaround else []))
 
@@ -159,4 +157,4 @@ def w4a8_obq(target: Target, exclude: frozenset[str], calibrator: str, bits: int
     activations = target.int8_activations(calibrator)
     scheme = weight_scheme(bits)
     quantize = InsertQDQ(weights=scheme, activations=activations, exclude=exclude)
-    return integer_pipeline(target, quantize, OBQ(precision=scheme.precision, max_row=max_row))
+    return integer_pipeline(target, quantize, OBQ(max_row=max_row))

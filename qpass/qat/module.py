@@ -19,7 +19,8 @@ from torch import nn
 
 from qpass.errors import ModelError
 from qpass.graph import attribute, constant, is_op
-from qpass.metadata import CLAMPS_TO_GRID, GRID
+from qpass.metadata import CLAMPS_TO_GRID
+from qpass.passes.rounding import integer_grid
 from qpass.qat.kernels import qlinear_add, qlinear_conv
 from qpass.qat.quantizers import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 
@@ -71,7 +72,7 @@ class QATModule(nn.Module):
             q = constant(source)
             if q.dtype == np.int32:
                 return  # a bias: `_add_bias` needs the activation and weight quantizers first
-            low, high = _grid(node, q.dtype)
+            low, high = integer_grid(node, q.dtype)
             axis = attribute(node, "axis", 1) if constant(scale).size > 1 else None
             self.weights[self.key(source.name)] = WeightQuantizer(
                 q, constant(scale), constant(zero), axis, low, high
@@ -80,7 +81,7 @@ class QATModule(nn.Module):
         if scale.name in self.keys:
             return
         zero_point = constant(zero)
-        low, high = _grid(node, zero_point.dtype)
+        low, high = integer_grid(node, zero_point.dtype)
         bounds = _grid_bounds(node) if node.op_type == "QuantizeLinear" else {}
         if bounds:  # a 3- or 2-bit activation: its Min and Max hold the narrow range
             s, z = float(constant(scale)), float(zero_point)
@@ -209,17 +210,6 @@ def _freed_after(nodes: list[ir.Node], outputs: list[str]) -> list[list[str]]:
 def _as_torch_type(array: np.ndarray) -> np.ndarray:
     """A copy torch can hold: 4-bit integers (ml_dtypes) widened to int32."""
     return array.astype(np.int32) if array.dtype.kind == "V" else np.array(array)
-
-
-def _grid(node: ir.Node, dtype) -> tuple[int, int]:
-    """The integer range of a quantizer: its GRID metadata, else its storage type's."""
-    if GRID in node.metadata_props:
-        low, high = node.metadata_props[GRID].split()
-        return int(low), int(high)
-    import ml_dtypes
-
-    info = ml_dtypes.iinfo(dtype)
-    return int(info.min), int(info.max)
 
 
 def _grid_bounds(q: ir.Node) -> dict[str, ir.Value]:
