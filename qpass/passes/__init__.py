@@ -23,6 +23,7 @@ from qpass.passes.lower_tensorrt import LowerForTensorRT
 from qpass.passes.place_float8 import PlaceFloat8ForOnnxRuntime
 from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
 from qpass.passes.quantize_lm_head import QuantizeLMHead
+from qpass.passes.quantize_tied_embeddings import QuantizeTiedEmbeddings
 from qpass.passes.rtn import RoundToNearest
 from qpass.passes.sensitivity import KeepSensitiveFloat
 from qpass.passes.smoothquant import SmoothQuant
@@ -52,6 +53,7 @@ __all__ = [
     "PlaceFloat8ForOnnxRuntime",
     "QuantizeDynamicPerToken",
     "QuantizeLMHead",
+    "QuantizeTiedEmbeddings",
     "RoundToNearest",
     "SmoothQuant",
 ]
