@@ -53,7 +53,7 @@ def test_lookup_and_head_read_one_table_with_the_dequantized_rows(captured_llama
     """The rewritten model computes what the float model computes with E replaced by its
     round-to-nearest dequantized copy, and the file holds the table once, packed."""
     model = captured_llama.clone()
-    QuantizeTiedEmbeddings(scheme)(model)
+    QuantizeTiedEmbeddings(scheme, accuracy_level=0)(model)  # fp32 activations: exact
     graph = model.graph
     lookup = next(n for n in graph if n.op_type == "GatherBlockQuantized")
     head = graph.outputs[0].producer()
@@ -97,6 +97,9 @@ def test_shared_table_presets_load_in_onnxruntime_smaller_than_an_int8_head(
             shared = head.startswith("shared")
             assert lookups == ["GatherBlockQuantized" if shared else "Gather"]
             assert (TABLE in compiled.model.graph.initializers) == (not shared)
+            final = compiled.model.graph.outputs[0].producer()
+            if shared or fmt == "matmulnbits":  # the head in MatMulNBits, int8 activations
+                assert final.attributes.get_int("accuracy_level", 0) == 4
     for fmt in ("dq", "matmulnbits"):
         assert sizes["shared-int8", fmt] < sizes["int8", fmt], sizes
         assert sizes["shared-int4", fmt] < sizes["shared-int8", fmt], sizes

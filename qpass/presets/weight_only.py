@@ -80,10 +80,8 @@ def _pipeline(
     eight_bit = dataclasses.replace(scheme, dtype="int8" if symmetric else "uint8")
     if lm_head == "int8":
         passes.append(QuantizeLMHead(eight_bit))
-    elif lm_head == "shared-int8":  # MatMulNBits' 8-bit kernel is fast with int8 activations
-        passes.append(QuantizeTiedEmbeddings(eight_bit, accuracy_level=4))
-    elif lm_head == "shared-int4":
-        passes.append(QuantizeTiedEmbeddings(scheme, accuracy_level))
+    elif lm_head.startswith("shared"):
+        passes.append(QuantizeTiedEmbeddings(eight_bit if lm_head == "shared-int8" else scheme))
     if format == "plugin":  # qpass's INT4 GEMM TensorRT plugin node, MatMuls only
         passes.append(LowerToInt4Plugin(convolutions=False))
     elif format == "matmulnbits":
