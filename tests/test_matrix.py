@@ -58,6 +58,13 @@ BOUNDS = {
 }
 FAST = {("resnet20", 13, "float32"), ("llama", 17, "float16")}
 EXPORTER_OPSET = 20  # the TorchScript exporter's highest
+ORT_OPSET21_S8 = pytest.mark.xfail(
+    strict=True,
+    reason="ONNX Runtime 1.32 at ORT_ENABLE_ALL (QDQPropagationTransformer with "
+    "QDQS8ToU8Transformer) writes a QuantizeLinear after ResNet20's shortcut Slice with "
+    "output_dtype INT8 and a UINT8 zero point, and refuses its own graph; the model loads with "
+    "either transformer disabled or at ORT_ENABLE_BASIC",
+)
 
 
 def export(module, example, opset: int, input_name: str, axes: dict) -> onnx.ModelProto:
@@ -143,6 +150,8 @@ def _cases():
             for dtype in DTYPES:
                 for label in PRESETS:
                     marks = [] if (name, opset, dtype) in FAST else [pytest.mark.slow]
+                    if (name, opset, label) == ("resnet20", 21, "int8-tensorrt"):
+                        marks.append(ORT_OPSET21_S8)
                     yield pytest.param(name, opset, dtype, label, marks=marks,
                                        id=f"{name}-opset{opset}-{dtype}-{label}")
 
