@@ -7,7 +7,8 @@ windows (no BOS added; each window predicts its tokens 2..512), calibration on w
 valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ (also in index order and
 with plain, not token-normalized, statistics), AWQ and GPTQ with a rank-8 LoRC branch at group
 128 (uint4 with zero points, lm_head and embeddings in float), RTN and GPTQ with an 8-bit
-lm_head and RTN with a 4-bit one (`--lm-head`); ONNX Runtime's
+lm_head and RTN with a 4-bit one (`--lm-head`), and RTN with the tied table quantized once for
+the lookup and the head (`--lm-head shared-int8`, `shared-int4`); ONNX Runtime's
 MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head excluded
 likewise, and its GPTQ (`gptq_quantize`, which its GPTQ config calls; lm_head marked "fp32"):
 at group 128 it fails on SmolLM2 (K = 576: 5 groups per column, whose packed zero points it
@@ -58,6 +59,8 @@ ROWS = {
     "qpass RTN g32": ("qpass-rtn", 32, "matmulnbits"),
     "qpass RTN g128 lm_head int8": ("qpass-rtn-lm-head-int8", 128, "matmulnbits"),
     "qpass RTN g128 lm_head int4": ("qpass-rtn-lm-head-int4", 128, "matmulnbits"),
+    "qpass RTN g128 lm_head shared-int8": ("qpass-rtn-lm-head-shared-int8", 128, "matmulnbits"),
+    "qpass RTN g128 lm_head shared-int4": ("qpass-rtn-lm-head-shared-int4", 128, "matmulnbits"),
     "qpass GPTQ g128": ("qpass-gptq", 128, "matmulnbits"),
     "qpass GPTQ g32": ("qpass-gptq", 32, "matmulnbits"),
     "qpass GPTQ g128 no act-order": ("qpass-gptq-index-order", 128, "matmulnbits"),
@@ -79,6 +82,8 @@ QPASS_TOOLS = {
     "qpass-rtn": ("w4a16-rtn",),
     "qpass-rtn-lm-head-int8": ("w4a16-rtn", "--lm-head", "int8"),
     "qpass-rtn-lm-head-int4": ("w4a16-rtn", "--lm-head", "int4"),
+    "qpass-rtn-lm-head-shared-int8": ("w4a16-rtn", "--lm-head", "shared-int8"),
+    "qpass-rtn-lm-head-shared-int4": ("w4a16-rtn", "--lm-head", "shared-int4"),
     "qpass-gptq": ("w4a16-gptq",),
     "qpass-gptq-index-order": ("w4a16-gptq", "--no-act-order"),
     "qpass-gptq-plain-tokens": ("w4a16-gptq", "--no-normalize-tokens"),

@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from qpass.errors import ModelError, first_line
-from qpass.graph import raise_opset
+from qpass.graph import infer_missing_types, raise_opset
 from qpass.passes.compute_in_float32 import ComputeInFloat32
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def capture(
         )
     if len(result.graph) == 0:
         raise ModelError("the model's graph has no nodes")
+    infer_missing_types(result)
     ComputeInFloat32()(result)
     raise_opset(result, MIN_OPSET)
     return result

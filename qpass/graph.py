@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from qpass.errors import ModelError, first_line
 from qpass.metadata import TORCH_NAME_SCOPES
@@ -76,6 +77,17 @@ def output_channel_axis(node: ir.Node, ndim: int) -> int:
     if node.op_type == "MatMul":
         return ndim - 1
     return 0
+
+
+def infer_missing_types(model: ir.Model) -> None:
+    """Type the values an exporter left untyped (the TorchScript exporter writes no value_info
+    for a graph with dynamic axes) by onnx's shape inference, so that a pass that quantizes float
+    tensors only can tell an int64 mask computation from a float activation. A model whose node
+    outputs all carry a type is left as it is."""
+    outputs = (v for node in model.graph for v in node.outputs if v is not None)
+    if all(v.dtype is not None for v in outputs):
+        return
+    ShapeInferencePass(strict_mode=False, data_prop=False)(model)
 
 
 def raise_opset(model: ir.Model, version: int) -> None:

@@ -28,6 +28,7 @@ from qpass.passes.obq import OBQ
 from qpass.passes.place_float8 import PlaceFloat8ForOnnxRuntime
 from qpass.passes.quantize_dynamic import QuantizeDynamicPerToken
 from qpass.passes.quantize_lm_head import QuantizeLMHead
+from qpass.passes.quantize_tied_embeddings import QuantizeTiedEmbeddings
 from qpass.passes.rtn import RoundToNearest
 from qpass.passes.sensitivity import KeepSensitiveFloat
 from qpass.passes.smoothquant import SmoothQuant
@@ -62,6 +63,7 @@ __all__ = [
     "QuantizeDynamicPerToken",
     "QuantizeGGML",
     "QuantizeLMHead",
+    "QuantizeTiedEmbeddings",
     "RoundToNearest",
     "SmoothQuant",
 ]

@@ -14,6 +14,7 @@ from qpass.passes import (
     LowerToMatMulNBits,
     LowRankCompensation,
     QuantizeLMHead,
+    QuantizeTiedEmbeddings,
     RoundToNearest,
 )
 from qpass.presets import Option, preset
@@ -30,8 +31,10 @@ COMMON = (
     Option("symmetric", bool, "int4 weights, no zero point (TensorRT is symmetric only)",
            {"onnxruntime": False, "tensorrt": True}),
     Option("lm_head", str, "the final projection in float, 8-bit groups (int8: most of the "
-           "1-token speed-up of int4 without its accuracy loss) or 4-bit like the rest",
-           "float", choices=("float", "int8", "int4")),
+           "1-token speed-up of int4 without its accuracy loss) or 4-bit like the rest; "
+           "shared-int8/shared-int4: a table tied to the embeddings quantized once, read by "
+           "both the lookup and the head (ONNX Runtime's GatherBlockQuantized, MatMulNBits)",
+           "float", choices=("float", "int8", "int4", "shared-int8", "shared-int4")),
     Option("accuracy_level", int, "MatMulNBits accuracy level of the 4-bit layers (0: fp32 "
            "activations; 4: int8)", 0, choices=(0, 1, 2, 3, 4), cli=False),
     Option("lorc_rank", int, "add a rank-r float branch for each weight's quantization error "
@@ -53,6 +56,7 @@ def _scheme(group_size: int, symmetric: bool) -> QuantScheme:
 
 
 def _pipeline(
+    target: Target,
     quantize: Callable[[QuantScheme, bool], ir.passes.PassBase],
     group_size: int,
     format: str,
@@ -63,15 +67,22 @@ def _pipeline(
 ) -> list[ir.passes.PassBase]:
     """`quantize(scheme, lm_head == "int4")` (with LoRC's snapshot before it and branches after
     it when `lorc_rank`), the final projection per `lm_head` (float; int4 by the same pass; int8
-    by `QuantizeLMHead`, in the scheme's groups and symmetry), then the lowering to `format`."""
+    by `QuantizeLMHead`, in the scheme's groups and symmetry; shared-*: a tied table by
+    `QuantizeTiedEmbeddings`, in ONNX Runtime's contrib ops whatever `format` says, since no
+    standard op gathers a block-quantized table), then the lowering to `format`."""
+    if lm_head.startswith("shared") and target.family != "onnxruntime":
+        raise ValueError(f"--lm-head {lm_head} needs ONNX Runtime's contrib ops "
+                         "(GatherBlockQuantized); for TensorRT keep the lm_head float")
     scheme = _scheme(group_size, symmetric)
     passes = [quantize(scheme, lm_head == "int4")]
     if lorc_rank:
         lorc = LowRankCompensation(lorc_rank)
         passes = [lorc.snapshot(), *passes, lorc]
+    eight_bit = dataclasses.replace(scheme, dtype="int8" if symmetric else "uint8")
     if lm_head == "int8":
-        dtype = "int8" if symmetric else "uint8"
-        passes.append(QuantizeLMHead(dataclasses.replace(scheme, dtype=dtype)))
+        passes.append(QuantizeLMHead(eight_bit))
+    elif lm_head.startswith("shared"):
+        passes.append(QuantizeTiedEmbeddings(eight_bit if lm_head == "shared-int8" else scheme))
     if format == "plugin":  # qpass's INT4 GEMM TensorRT plugin node, MatMuls only
         passes.append(LowerToInt4Plugin(convolutions=False))
     elif format == "matmulnbits":
@@ -85,7 +96,9 @@ def w4a16_rtn(target: Target, exclude: frozenset[str], **options) -> list[ir.pas
     """Weight-only 4-bit, round to nearest, one scale (and zero point) per group of input
     channels of every MatMul weight; embeddings stay in float."""
     return _pipeline(
-        lambda scheme, head: RoundToNearest(scheme, exclude=exclude, lm_head=head), **options
+        target,
+        lambda scheme, head: RoundToNearest(scheme, exclude=exclude, lm_head=head),
+        **options,
     )
 
 
@@ -111,6 +124,7 @@ def w4a16_gptq(
     `normalize_tokens`: H from unit-norm token rows, so that tokens with massive activations do
     not decide the weights alone."""
     return _pipeline(
+        target,
         lambda scheme, head: GPTQ(
             weights=scheme, exclude=exclude, lm_head=head, act_order=act_order, damp=damp,
             sequential=sequential, normalize_tokens=normalize_tokens,
@@ -136,6 +150,7 @@ def w4a16_awq(
     clipping search, then round to nearest, block by block; the same schemes, formats, `lm_head`
     and `lorc_rank` as `w4a16-rtn`."""
     return _pipeline(
+        target,
         lambda scheme, head: AWQ(
             weights=scheme, exclude=exclude, lm_head=head, sequential=sequential,
             alphas=tuple(alphas), normalize_tokens=normalize_tokens,
