@@ -51,3 +51,7 @@ node's module path as a Python list literal, e.g. "['', 'model.layers.0.mlp', ..
 KEEP_FLOAT = "qpass.keep_float"
 """`node.meta` of a node a pass decided to leave in float: why (`qpass.passes.base.keep_float`);
 every quantizing pass after it skips the node."""
+
+SOURCE_FLOAT_TYPE = "qpass.source_float_type"
+"""`model.meta`: "float16" or "bfloat16" when the captured model computed in that type
+(ComputeInFloat32 turned it into float32 inside); absent for float32 models."""

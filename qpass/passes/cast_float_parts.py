@@ -1,0 +1,307 @@
+"""Write the float parts of a model in float16 (or bfloat16), keeping in float32 the ops that
+float16 breaks, with a Cast wherever the two meet."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import IdentityEliminationPass
+
+from qpass.graph import MS_DOMAIN, all_values, constant, is_op
+from qpass.passes.base import Pass, refuse
+
+logger = logging.getLogger(__name__)
+
+FLOAT32 = ir.DataType.FLOAT
+
+KEPT_IN_FLOAT32 = frozenset({
+    # Normalizations: a mean and a variance summed over a whole row.
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization",
+    "InstanceNormalization",
+    # Softmax: exp and a sum over a row.
+    "Softmax", "LogSoftmax",
+    # Reductions and running sums over many elements.
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
+    "ReduceLogSumExp", "ReduceProd", "CumSum",
+    # Exponentials and powers: exp(x) passes float16's largest number (65504) above x = 11.1.
+    "Exp", "Pow", "Log",
+})
+"""Op types computed in float32 whatever the target type: the reductions of LayerNorm, RMSNorm
+and Softmax, other large sums, exp and powers (the op types ModelOpt's AutoCast keeps in high
+precision by default for the same reasons: its DepthOfReduction and NormVariance rules, keeping
+reductions and the variance of a decomposed RMSNorm in high precision)."""
+
+FOLLOWS_FLOAT32 = frozenset({"Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg", "Abs"})
+"""Elementwise ops that stay in float32 when every non-constant float input they read comes from
+a float32 op: the `+ eps`, `sqrt` and `1 / x` after a variance stay with it."""
+
+SCALE_TOLERANCE = 2.0**-8
+"""A Q/DQ scale whose float16 value is further than this (relative) from it stays float32: an
+8-bit step is 2^-8 of the range, and float16 holds normal numbers to 2^-11 (subnormals less)."""
+
+LOW_TYPES = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
+FLOAT_TYPES = ("float32", *LOW_TYPES)
+"""The float types a compiled model's float parts can be written in (`qpass.compile`)."""
+
+
+class CastFloatParts(Pass):
+    """Write the float32 parts of a (quantized) model in `dtype` (float16 or bfloat16).
+
+    Each node either runs in `dtype` ("low") or stays float32:
+
+    1. A node stays float32 if its op type is in `KEPT_IN_FLOAT32` (reductions, Softmax,
+       normalizations, exp, powers), if it is elementwise (`FOLLOWS_FLOAT32`) and every
+       non-constant float input comes from a float32 node, if a constant float input lies outside
+       `dtype`'s range, if it is a QuantizeLinear / DequantizeLinear whose scale `dtype` cannot
+       hold within `SCALE_TOLERANCE`, or if its schema (onnx's, or ONNX Runtime's for
+       com.microsoft) does not allow `dtype` for its float inputs and outputs: QuantizeLinear and
+       DequantizeLinear below opset 19, DynamicQuantizeLinear, ops of other domains (no schema),
+       ops with subgraphs.
+    2. In a low node every float32 input and output of a type parameter that allows `dtype`
+       becomes `dtype` (Q/DQ scales and outputs, MatMulNBits scales and output, ...); inputs of a
+       fixed type (Resize's scales) stay float32. Cast(to=float32) in a low node casts to
+       `dtype`; a Constant or ConstantOfShape in a low node holds a `dtype` value.
+    3. An initializer whose float readers are all low is converted in place; one read by both
+       kinds gets a `dtype` copy for the low readers.
+    4. A value produced in one type and read in the other gets a Cast (one per value and type).
+    5. The graph's inputs and outputs keep their types (a Cast at the boundary), and a Cast to the
+       type its input already has is removed (onnx-ir's IdentityEliminationPass).
+
+    TensorRT 11 builds strongly typed networks: the ONNX types decide each layer's precision, so
+    this pass decides which layers run in float16. ONNX Runtime's CPU provider lacks float16
+    kernels for most compute ops (Conv, MatMul, Add, ...): it runs them in float32 between Casts
+    it inserts itself (its InsertCastTransformer), and has almost no bfloat16 kernels, so a
+    bfloat16 result is for TensorRT or GPUs only. Node ranges observed on data (AutoCast's
+    `data_max` rule) are not used: the rules above read the graph alone.
+    """
+
+    def __init__(self, dtype: str = "float16"):
+        super().__init__()
+        if dtype not in LOW_TYPES:
+            raise ValueError(f"float type {dtype!r}: choose one of {', '.join(LOW_TYPES)}")
+        self.dtype = LOW_TYPES[dtype]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opset = model.opset_imports.get("", 1)
+        low = {id(n): _float_slots(n, opset, self.dtype) for n in self._low_nodes(graph, opset)}
+        if not low:
+            return ir.passes.PassResult(model, modified=False)
+        interface = [v.dtype for v in graph.outputs]
+        reads = {  # (node, input index) -> the type it reads there: the float parts only
+            (id(u.node), u.idx): self.dtype if u.idx in low.get(id(u.node), ((), ()))[0]
+            else FLOAT32
+            for v in _float32_values(graph) for u in v.uses()
+        }
+        self._convert_initializers(graph, reads)
+        for node in graph:
+            if id(node) in low:
+                self._lower_node(node, low[id(node)][1])
+        self._insert_casts(graph, reads)
+        self._keep_output_types(graph, interface)
+        for node in graph:  # a Cast to the type it already has ==> Identity, then removed
+            if is_op(node, "Cast") and node.inputs[0].dtype == node.attributes["to"].value:
+                node.op_type = "Identity"
+                node.attributes.clear()
+        IdentityEliminationPass()(model)
+        logger.info("%d nodes run in %s", sum(any(s) for s in low.values()),
+                    self.dtype.name.lower())
+        return ir.passes.PassResult(model, modified=True)
+
+    def _low_nodes(self, graph: ir.Graph, opset: int):
+        float32_outputs: set[int] = set()
+        for node in graph:
+            why = self._why_float32(node, opset, float32_outputs)
+            if why:
+                refuse(self, node, why)
+                float32_outputs.update(id(v) for v in node.outputs)
+            else:
+                yield node
+
+    def _why_float32(self, node: ir.Node, opset: int, float32_outputs: set[int]) -> str | None:
+        if node.op_type in KEPT_IN_FLOAT32:
+            return "float16 loses its sums or overflows (KEPT_IN_FLOAT32)"
+        float_inputs = [v for v in node.inputs if v is not None and v.dtype == FLOAT32]
+        variable = [v for v in float_inputs if constant(v) is None]
+        if node.op_type in FOLLOWS_FLOAT32 and variable and all(
+            id(v) in float32_outputs for v in variable
+        ):
+            return "reads only float32 results (FOLLOWS_FLOAT32)"
+        limit = _largest(self.dtype)
+        for value in float_inputs:
+            array = constant(value)
+            if array is not None and array.size and np.abs(array).max() > limit:
+                return f"constant input {value.name} exceeds {self.dtype.name.lower()}'s range"
+        if is_op(node, "QuantizeLinear", "DequantizeLinear") and not self._holds_scale(node):
+            return f"its scale does not fit {self.dtype.name.lower()}"
+        if _float_slots(node, opset, self.dtype) is None:
+            return f"its schema does not allow {self.dtype.name.lower()} (or it has none)"
+        return None
+
+    def _holds_scale(self, node: ir.Node) -> bool:
+        scale = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if scale is None:
+            return True
+        scale = scale.astype(np.float64)
+        low = _round_trip(scale, self.dtype).astype(np.float64)
+        return bool(np.all(np.abs(low - scale) <= SCALE_TOLERANCE * np.abs(scale)))
+
+    def _convert_initializers(self, graph: ir.Graph, reads: dict) -> None:
+        for value in list(graph.initializers.values()):
+            if value.dtype != FLOAT32 or value.const_value is None or value.is_graph_output():
+                continue
+            uses = list(value.uses())
+            wants = [reads.get((id(u.node), u.idx)) == self.dtype for u in uses]
+            if not any(wants):
+                continue
+            array = value.const_value.numpy()
+            if all(wants):
+                value.const_value = _tensor(array, self.dtype, value.name)
+                value.dtype = self.dtype
+                continue
+            copy = ir.Value(name=f"{value.name}_{self.dtype.name.lower()}", shape=value.shape,
+                            const_value=_tensor(array, self.dtype, None))
+            copy.dtype = self.dtype
+            graph.register_initializer(copy)
+            for usage, want in zip(uses, wants, strict=True):
+                if want:
+                    usage.node.replace_input_with(usage.idx, copy)
+
+    def _lower_node(self, node: ir.Node, outputs: set[int]) -> None:
+        if is_op(node, "Cast") and node.attributes["to"].value == FLOAT32:
+            node.attributes["to"] = ir.AttrInt64("to", int(self.dtype))
+        if is_op(node, "Constant", "ConstantOfShape") and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+            if tensor.dtype == FLOAT32:
+                node.attributes["value"] = ir.AttrTensor(
+                    "value", _tensor(tensor.numpy(), self.dtype, tensor.name)
+                )
+        for index in outputs:
+            if node.outputs[index].dtype == FLOAT32:
+                node.outputs[index].dtype = self.dtype
+
+    def _insert_casts(self, graph: ir.Graph, reads: dict) -> None:
+        casts: dict[tuple[int, ir.DataType], ir.Value] = {}
+        for node in list(graph):
+            for index, value in enumerate(node.inputs):
+                want = reads.get((id(node), index))
+                if value is None or want is None or want == value.dtype:
+                    continue
+                key = (id(value), want)
+                if key not in casts:
+                    casts[key] = _cast(value, want, f"{value.name}_to_{want.name.lower()}")
+                    graph.insert_before(node, casts[key].producer())
+                node.replace_input_with(index, casts[key])
+
+    def _keep_output_types(self, graph: ir.Graph, interface: list[ir.DataType]) -> None:
+        """A graph output whose type changed gets a Cast back, under its own name."""
+        for index, (value, dtype) in enumerate(zip(list(graph.outputs), interface, strict=True)):
+            if value.dtype == dtype:
+                continue
+            name = value.name
+            value.name = f"{name}_{value.dtype.name.lower()}"
+            graph.append((cast := _cast(value, dtype, name)).producer())
+            graph.outputs[index] = cast
+
+
+def _cast(value: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
+    """The output, named `name`, of a new Cast of `value` to `dtype` (not yet in a graph)."""
+    node = ir.node("Cast", [value], {"to": int(dtype)}, name=name)
+    node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = name, dtype, value.shape
+    return node.outputs[0]
+
+
+def _float32_values(graph: ir.Graph):
+    yield from (v for v in all_values(graph) if v.dtype == FLOAT32)
+
+
+def _float_slots(
+    node: ir.Node, opset: int, dtype: ir.DataType
+) -> tuple[set[int], set[int]] | None:
+    """(input indices, output indices) of `node` that take `dtype` when it runs low, or None if
+    its schema does not allow `dtype` for a float input or output (or it has no schema)."""
+    if any(a.type == ir.AttributeType.GRAPH or a.type == ir.AttributeType.GRAPHS
+           for a in node.attributes.values()):
+        return None
+    schema = _schema(node.op_type, node.domain, opset)
+    if schema is None:
+        return None
+    wanted = f"tensor({_TYPE_NAMES[dtype]})"
+    params = {param: types for param, types in schema[2]}
+
+    def slots(values, formals) -> set[int] | None:
+        found = set()
+        for index, value in enumerate(values):
+            if value is None or value.dtype != FLOAT32 or not formals:
+                continue
+            formal = formals[min(index, len(formals) - 1)]
+            if formal not in params:  # a fixed type: tensor(float)
+                continue
+            if wanted not in params[formal]:
+                return None
+            found.add(index)
+        return found
+
+    inputs, outputs = slots(node.inputs, schema[0]), slots(node.outputs, schema[1])
+    if inputs is None or outputs is None:
+        return None
+    bound = {schema[0][min(i, len(schema[0]) - 1)] for i in inputs}
+    unbound = [i for i in outputs if schema[1][min(i, len(schema[1]) - 1)] not in bound]
+    if unbound and not is_op(node, "Cast", "Constant", "ConstantOfShape"):
+        return None  # the output type comes from an attribute (RandomNormal's dtype, ...)
+    return inputs, outputs
+
+
+_TYPE_NAMES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+@functools.cache
+def _schema(op_type: str, domain: str, opset: int):
+    """(input type strings, output type strings, ((param, allowed types), ...)) or None."""
+    if domain in ("", "ai.onnx"):
+        try:
+            s = onnx.defs.get_schema(op_type, opset, "")
+        except onnx.defs.SchemaError:
+            return None
+        return (tuple(i.type_str for i in s.inputs), tuple(o.type_str for o in s.outputs),
+                tuple((t.type_param_str, tuple(t.allowed_type_strs)) for t in s.type_constraints))
+    if domain == MS_DOMAIN:
+        s = _contrib_schemas().get(op_type)
+        if s is None:
+            return None
+        return (tuple(i.typeStr for i in s.inputs), tuple(o.typeStr for o in s.outputs),
+                tuple((t.type_param_str, tuple(t.allowed_type_strs)) for t in s.type_constraints))
+    return None
+
+
+@functools.cache
+def _contrib_schemas() -> dict:
+    """ONNX Runtime's com.microsoft schemas, newest version of each op."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    found = {}
+    for s in get_all_operator_schema():
+        if s.domain == MS_DOMAIN and s.since_version >= getattr(found.get(s.name), "since_version",
+                                                                0):
+            found[s.name] = s
+    return found
+
+
+def _largest(dtype: ir.DataType) -> float:
+    return 65504.0 if dtype == ir.DataType.FLOAT16 else 3.38e38
+
+
+def _round_trip(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    return _tensor(array, dtype, None).numpy().astype(np.float32)
+
+
+def _tensor(array: np.ndarray, dtype: ir.DataType, name: str | None) -> ir.Tensor:
+    array = np.asarray(array, dtype=np.float32)
+    if dtype == ir.DataType.FLOAT16:
+        return ir.tensor(array.astype(np.float16), name=name)
+    return ir.tensor(array.astype(dtype.numpy()), dtype=dtype, name=name)
