@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import IdentityEliminationPass
 
-from qpass.graph import MS_DOMAIN, all_values, constant, is_op
+from qpass.graph import MS_DOMAIN, all_values, constant, is_op, retype
 from qpass.passes.base import Pass, refuse
 
 logger = logging.getLogger(__name__)
@@ -162,11 +162,11 @@ class CastFloatParts(Pass):
             array = value.const_value.numpy()
             if all(wants):
                 value.const_value = _tensor(array, self.dtype, value.name)
-                value.dtype = self.dtype
+                retype(value, self.dtype)
                 continue
             copy = ir.Value(name=f"{value.name}_{self.dtype.name.lower()}", shape=value.shape,
                             const_value=_tensor(array, self.dtype, None))
-            copy.dtype = self.dtype
+            retype(copy, self.dtype)
             graph.register_initializer(copy)
             for usage, want in zip(uses, wants, strict=True):
                 if want:
@@ -183,7 +183,7 @@ class CastFloatParts(Pass):
                 )
         for index in outputs:
             if node.outputs[index].dtype == FLOAT32:
-                node.outputs[index].dtype = self.dtype
+                retype(node.outputs[index], self.dtype)
 
     def _insert_casts(self, graph: ir.Graph, reads: dict) -> None:
         casts: dict[tuple[int, ir.DataType], ir.Value] = {}
@@ -212,7 +212,8 @@ class CastFloatParts(Pass):
 def _cast(value: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
     """The output, named `name`, of a new Cast of `value` to `dtype` (not yet in a graph)."""
     node = ir.node("Cast", [value], {"to": int(dtype)}, name=name)
-    node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = name, dtype, value.shape
+    node.outputs[0].name, node.outputs[0].shape = name, value.shape
+    retype(node.outputs[0], dtype)
     return node.outputs[0]
 
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.graph import all_values, is_op
+from qpass.graph import all_values, is_op, retype
 from qpass.metadata import SOURCE_FLOAT_TYPE
 from qpass.passes.base import Pass
 
@@ -52,7 +52,7 @@ class ComputeInFloat32(Pass):
             if _is_low(value) and not value.is_graph_input() and (
                 id(value.producer()) not in boundary
             ):
-                value.dtype = ir.DataType.FLOAT
+                retype(value, ir.DataType.FLOAT)
         return ir.passes.PassResult(model, modified=True)
 
     def _cast_inputs(self, graph: ir.Graph) -> set[int]:
