@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import IdentityEliminationPass
+from onnx_ir.passes.common import IdentityEliminationPass, ShapeInferencePass
 
 from qpass.graph import MS_DOMAIN, all_values, constant, is_op, retype
 from qpass.passes.base import Pass, refuse
@@ -69,7 +69,9 @@ class CastFloatParts(Pass):
     3. An initializer whose float readers are all low is converted in place; one read by both
        kinds gets a `dtype` copy for the low readers.
     4. A value produced in one type and read in the other gets a Cast (one per value and type).
-    5. The graph's inputs and outputs keep their types (a Cast at the boundary), and a Cast to the
+    5. Values without a type are typed first (onnx's shape inference, onnx-ir's
+       ShapeInferencePass); a value still without one is not a float part.
+    6. The graph's inputs and outputs keep their types (a Cast at the boundary), and a Cast to the
        type its input already has is removed (onnx-ir's IdentityEliminationPass).
 
     TensorRT 11 builds strongly typed networks: the ONNX types decide each layer's precision, so
@@ -88,6 +90,8 @@ class CastFloatParts(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        if any(v.dtype is None for n in graph for v in n.outputs):  # e.g. no value_info
+            ShapeInferencePass(strict_mode=False)(model)
         opset = model.opset_imports.get("", 1)
         low = {id(n): _float_slots(n, opset, self.dtype) for n in self._low_nodes(graph, opset)}
         if not low:
