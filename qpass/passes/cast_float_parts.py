@@ -11,7 +11,16 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import IdentityEliminationPass, ShapeInferencePass
 
-from qpass.graph import MS_DOMAIN, all_values, constant, is_op, retype
+from qpass.graph import (
+    MS_DOMAIN,
+    all_values,
+    attribute,
+    constant,
+    initializer,
+    is_op,
+    retype,
+    set_constant,
+)
 from qpass.passes.base import Pass, refuse
 
 logger = logging.getLogger(__name__)
@@ -52,7 +61,17 @@ FLOAT_TYPES = ("float32", *LOW_TYPES)
 class CastFloatParts(Pass):
     """Write the float32 parts of a (quantized) model in `dtype` (float16 or bfloat16).
 
-    Each node either runs in `dtype` ("low") or stays float32:
+    First, a constant DequantizeLinear (per tensor or per axis) whose scale `dtype` cannot hold
+    within `SCALE_TOLERANCE` (the int32 bias of a QDQ Conv, scale = input scale x weight scale,
+    is below float16's range; per-channel weight scales of channels with near-zero weights):
+
+    0a. DQ(int32 bias)  ==>  its float value (then stored in `dtype`, as the op reads it);
+    0b. DQ(int8 / uint8 weight) with such scales  ==>  the same op, each such scale raised to the
+        smallest one `dtype` holds within the tolerance and the integers of its channel rounded
+        to it again (those channels' weights are under 127 x that scale; the added error stays
+        under half of it).
+
+    Then each node either runs in `dtype` ("low") or stays float32:
 
     1. A node stays float32 if its op type is in `KEPT_IN_FLOAT32` (reductions, Softmax,
        normalizations, exp, powers), if it is elementwise (`FOLLOWS_FLOAT32`) and every
@@ -93,6 +112,8 @@ class CastFloatParts(Pass):
         if any(v.dtype is None for n in graph for v in n.outputs):  # e.g. no value_info
             ShapeInferencePass(strict_mode=False)(model)
         opset = model.opset_imports.get("", 1)
+        for node in list(graph):
+            self._try_fit_scale(graph, node)
         low = {id(n): _float_slots(n, opset, self.dtype) for n in self._low_nodes(graph, opset)}
         if not low:
             return ir.passes.PassResult(model, modified=False)
@@ -149,11 +170,44 @@ class CastFloatParts(Pass):
 
     def _holds_scale(self, node: ir.Node) -> bool:
         scale = constant(node.inputs[1]) if len(node.inputs) > 1 else None
-        if scale is None:
-            return True
+        return scale is None or bool(self._fits(scale).all())
+
+    def _fits(self, scale: np.ndarray) -> np.ndarray:
+        """Which scales `dtype` holds within SCALE_TOLERANCE (relative)."""
         scale = scale.astype(np.float64)
         low = _round_trip(scale, self.dtype).astype(np.float64)
-        return bool(np.all(np.abs(low - scale) <= SCALE_TOLERANCE * np.abs(scale)))
+        return np.abs(low - scale) <= SCALE_TOLERANCE * np.abs(scale)
+
+    @property
+    def _smallest_scale(self) -> float:
+        """The smallest scale `dtype` holds within SCALE_TOLERANCE: float16's subnormals are
+        2^-24 apart, so 2^-24 / SCALE_TOLERANCE (bfloat16 holds float32's range)."""
+        return 2.0**-24 / SCALE_TOLERANCE if self.dtype == ir.DataType.FLOAT16 else 2.0**-126
+
+    def _try_fit_scale(self, graph: ir.Graph, node: ir.Node) -> None:
+        """Rules 0a and 0b: constant DequantizeLinears whose scales `dtype` cannot hold."""
+        if not is_op(node, "DequantizeLinear") or attribute(node, "block_size", 0):
+            return
+        q, scale = constant(node.inputs[0]), constant(node.inputs[1])
+        if q is None or scale is None or self._fits(scale).all():
+            return
+        zero = constant(node.inputs[2]) if len(node.inputs) > 2 else None
+        zero = np.zeros_like(scale) if zero is None else zero.astype(np.float64)
+        shape = _broadcast_shape(node, q.ndim, scale)
+        if q.dtype == np.int32:  # a bias: DQ(int32) ==> its float value
+            array = (q - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
+            value = initializer(graph, f"{node.outputs[0].name}_float", array.astype(np.float32))
+            ir.convenience.replace_all_uses_with(node.outputs[0], value)
+            graph.remove(node, safe=True)
+        elif q.dtype in (np.int8, np.uint8):  # raise the scale, round the integers again
+            info = np.iinfo(q.dtype)
+            raised = np.where(self._fits(scale), scale, np.maximum(scale, self._smallest_scale))
+            ratio = (scale / raised).astype(np.float64).reshape(shape)
+            z = zero.reshape(shape)
+            again = np.clip(np.round((q - z) * ratio + z), info.min, info.max).astype(q.dtype)
+            node.replace_input_with(0, set_constant(graph, node.inputs[0], again))
+            node.replace_input_with(1, set_constant(graph, node.inputs[1], raised.astype(
+                scale.dtype)))
 
     def _convert_initializers(self, graph: ir.Graph, reads: dict) -> None:
         for value in list(graph.initializers.values()):
@@ -295,6 +349,15 @@ def _contrib_schemas() -> dict:
                                                                 0):
             found[s.name] = s
     return found
+
+
+def _broadcast_shape(node: ir.Node, ndim: int, scale: np.ndarray) -> tuple[int, ...]:
+    """The shape that broadcasts a DequantizeLinear's scale over its input (per tensor or per
+    axis)."""
+    if scale.size == 1:
+        return ()
+    axis = attribute(node, "axis", 1) % ndim
+    return tuple(scale.size if i == axis else 1 for i in range(ndim))
 
 
 def _largest(dtype: ir.DataType) -> float:
