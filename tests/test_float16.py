@@ -344,3 +344,87 @@ def test_cast_float_parts_on_random_graphs(ops, seed):
     reference = run_onnx(proto, {"x": x})[0]
     output = run_onnx(written, {"x": x})[0]
     assert relative_error(output, reference) < 1e-2
+
+
+def casts_after_dequantize(proto: onnx.ModelProto) -> int:
+    """Casts reading a DequantizeLinear: they keep TensorRT from fusing the Q/DQ into the op."""
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return sum(n.op_type == "Cast" and producers.get(n.input[0]) == "DequantizeLinear"
+               for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_scales_below_float16_are_fitted_not_cast(target):
+    """A channel with near-zero weights (per-channel scale ~1e-8) and the int32 biases (scale =
+    input scale x weight scale) are below float16's range: the scale is raised and the channel
+    re-rounded, the bias becomes a float16 constant; no Cast sits between a DQ and its op, the
+    TensorRT linter accepts the graph (qpass.compile runs it) and the outputs stay at the float32
+    compile's SQNR."""
+    proto = tiny_cnn()
+    weights = {t.name: t for t in proto.graph.initializer}
+    w1 = numpy_helper.to_array(weights["w1"]).copy()
+    w1[0] *= 1e-6
+    weights["w1"].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    rng = np.random.default_rng(0)
+    calibration = {"input": rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    x = rng.normal(0, 1, (4, 3, 16, 16)).astype(np.float32)
+    reference = run_onnx(proto, {"input": x})[0]
+    quality = {}
+    for float_type in ("float32", "float16"):
+        compiled = qpass.compile(proto, preset="int8", target=target, calibration=calibration,
+                                 float_type=float_type, progress=False)
+        written = onnx.load_from_string(compiled.to_bytes())
+        assert casts_after_dequantize(written) == 0
+        quality[float_type] = sqnr_db(reference, compiled.run({"input": x})[0])
+    assert scale_types(written) == {TensorProto.FLOAT16}
+    assert quality["float16"] >= quality["float32"] - 1.0
+
+
+def test_float16_form_of_a_captured_llama():
+    """The tiny Llama (decomposed RMSNorm: Pow, ReduceMean, Sqrt, Reciprocal; Softmax):
+    w8a8-dynamic with float16 float parts keeps its normalizations and Softmax in float32 and
+    stays at the float32 compile's SQNR."""
+    from test_weight_only import tiny_llama
+
+    from benchmarks.llm import capture_llm
+
+    model = capture_llm(tiny_llama(), example_length=8)
+    ids = np.random.default_rng(1).integers(0, 256, (2, 16))
+    reference = run_onnx(ir.to_proto(model), {"input_ids": ids})[0]
+    quality = {}
+    for float_type in ("float32", "float16"):
+        compiled = qpass.compile(model, preset="w8a8-dynamic", float_type=float_type,
+                                 progress=False)
+        output = compiled.run({"input_ids": ids})[0]
+        assert output.dtype == np.float32
+        quality[float_type] = sqnr_db(reference, output)
+    written = onnx.load_from_string(compiled.to_bytes())
+    types = value_types(written)
+    for node in written.graph.node:
+        if node.op_type in ("Softmax", "ReduceMean", "Pow"):
+            assert types[node.output[0]] == TensorProto.FLOAT, node.op_type
+        if node.op_type == "MatMulIntegerToFloat":
+            assert types[node.output[0]] == TensorProto.FLOAT16
+    assert quality["float32"] >= 25
+    assert quality["float16"] >= quality["float32"] - 1.0
+
+
+@pytest.mark.slow
+def test_efficientnet_int8_float16_form(real_models):
+    """EfficientNet-Lite0 (real weights, BatchNorm folded): int8 with float16 float parts, no
+    Cast between a DQ and its op, the same top-1 class as the float32 compile on >= 95% of
+    real images."""
+    from benchmarks import data
+
+    calibration, _ = data.imagenet("calibration", 16)
+    images, _ = data.imagenet("evaluation", 50)
+    classes = {}
+    for float_type in ("float32", "float16"):
+        compiled = qpass.compile(real_models["efficientnet_lite0"], preset="int8",
+                                 calibration={"input": calibration}, float_type=float_type,
+                                 progress=False)
+        written = onnx.load_from_string(compiled.to_bytes())
+        classes[float_type] = compiled.run({"input": images})[0].argmax(axis=1)
+    assert casts_after_dequantize(written) == 0
+    assert scale_types(written) == {TensorProto.FLOAT16}
+    assert (classes["float16"] == classes["float32"]).mean() >= 0.95

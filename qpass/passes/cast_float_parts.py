@@ -73,14 +73,18 @@ class CastFloatParts(Pass):
 
     Then each node either runs in `dtype` ("low") or stays float32:
 
-    1. A node stays float32 if its op type is in `KEPT_IN_FLOAT32` (reductions, Softmax,
-       normalizations, exp, powers), if it is elementwise (`FOLLOWS_FLOAT32`) and every
-       non-constant float input comes from a float32 node, if a constant float input lies outside
-       `dtype`'s range, if it is a QuantizeLinear / DequantizeLinear whose scale `dtype` cannot
-       hold within `SCALE_TOLERANCE`, or if its schema (onnx's, or ONNX Runtime's for
-       com.microsoft) does not allow `dtype` for its float inputs and outputs: QuantizeLinear and
-       DequantizeLinear below opset 19, DynamicQuantizeLinear, ops of other domains (no schema),
-       ops with subgraphs.
+    1. A node stays float32 if
+       - its op type is in `KEPT_IN_FLOAT32` (normalizations, Softmax, reductions, exp, powers),
+         except a ReduceMean of a DequantizeLinear (a quantized global average pool: the mean
+         stays inside the quantized range);
+       - it is elementwise (`FOLLOWS_FLOAT32`) and every non-constant float input it reads comes
+         from a float32 node (the `+ eps`, sqrt and 1/x after a variance);
+       - a constant float input lies outside `dtype`'s range;
+       - it is a QuantizeLinear / DequantizeLinear whose scale `dtype` cannot hold within
+         `SCALE_TOLERANCE`;
+       - its schema (onnx's; ONNX Runtime's for com.microsoft) does not allow `dtype` for its
+         float inputs and outputs: QuantizeLinear and DequantizeLinear below opset 19,
+         DynamicQuantizeLinear, ops of other domains (no schema), ops with subgraphs.
     2. In a low node every float32 input and output of a type parameter that allows `dtype`
        becomes `dtype` (Q/DQ scales and outputs, MatMulNBits scales and output, ...); inputs of a
        fixed type (Resize's scales) stay float32. Cast(to=float32) in a low node casts to
@@ -149,7 +153,7 @@ class CastFloatParts(Pass):
                 yield node
 
     def _why_float32(self, node: ir.Node, opset: int, float32_outputs: set[int]) -> str | None:
-        if node.op_type in KEPT_IN_FLOAT32:
+        if node.op_type in KEPT_IN_FLOAT32 and not _averages_dequantized(node):
             return "float16 loses its sums or overflows (KEPT_IN_FLOAT32)"
         float_inputs = [v for v in node.inputs if v is not None and v.dtype == FLOAT32]
         variable = [v for v in float_inputs if constant(v) is None]
@@ -349,6 +353,13 @@ def _contrib_schemas() -> dict:
                                                                 0):
             found[s.name] = s
     return found
+
+
+def _averages_dequantized(node: ir.Node) -> bool:
+    """ReduceMean of a DequantizeLinear's output (a quantized global average pool): the mean stays
+    inside the quantized input's range, and a Cast between the two would keep TensorRT from
+    fusing the DQ into the reduction."""
+    return is_op(node, "ReduceMean") and is_op(node.inputs[0].producer(), "DequantizeLinear")
 
 
 def _broadcast_shape(node: ir.Node, ndim: int, scale: np.ndarray) -> tuple[int, ...]:
