@@ -87,7 +87,8 @@ def test_compute_in_float32_keeps_the_interface_and_the_function():
 @pytest.mark.parametrize(
     ("preset", "target", "least_db"),
     [("int8", "onnxruntime", 30), ("int8", "tensorrt", 25), ("fp8", "onnxruntime", 15),
-     ("int8-tensor", "onnxruntime", 30), ("w4a8-rtn", "onnxruntime", 12)],
+     ("fp8", "tensorrt", 15), ("int8-tensor", "onnxruntime", 30), ("w4a8-rtn", "onnxruntime", 12),
+     ("w4a8-fp", "onnxruntime", 12)],
 )
 def test_float16_cnn_under_every_cnn_preset(preset, target, least_db):
     proto = as_float16(tiny_cnn())
@@ -428,3 +429,16 @@ def test_efficientnet_int8_float16_form(real_models):
     assert casts_after_dequantize(written) == 0
     assert scale_types(written) == {TensorProto.FLOAT16}
     assert (classes["float16"] == classes["float32"]).mean() >= 0.95
+
+
+def test_fp4_weights_for_tensorrt_read_in_float16():
+    """w4a8-fp for TensorRT (FP4 weights, opset-23 DequantizeLinear whose output type is its
+    scale's): float16 scales, no Cast between a DQ and its MatMul, accepted by the linter."""
+    rng = np.random.default_rng(1)
+    calibration = {"x": rng.normal(0, 1, (32, 64)).astype(np.float32)}
+    compiled = qpass.compile(matmul_model(), preset="w4a8-fp", target="tensorrt",
+                             calibration=calibration, float_type="float16", group_size=32,
+                             progress=False)
+    written = onnx.load_from_string(compiled.to_bytes())
+    assert casts_after_dequantize(written) == 0
+    assert scale_types(written) == {TensorProto.FLOAT16}

@@ -315,6 +315,8 @@ def _float_slots(
         return None
     bound = {schema[0][min(i, len(schema[0]) - 1)] for i in inputs}
     unbound = [i for i in outputs if schema[1][min(i, len(schema[1]) - 1)] not in bound]
+    if is_op(node, "DequantizeLinear") and not attribute(node, "output_dtype", 0):
+        unbound = []  # opset 23+: output_dtype 0 means the scale's type
     if unbound and not is_op(node, "Cast", "Constant", "ConstantOfShape"):
         return None  # the output type comes from an attribute (RandomNormal's dtype, ...)
     return inputs, outputs
