@@ -442,3 +442,34 @@ def test_fp4_weights_for_tensorrt_read_in_float16():
     written = onnx.load_from_string(compiled.to_bytes())
     assert casts_after_dequantize(written) == 0
     assert scale_types(written) == {TensorProto.FLOAT16}
+
+
+def test_constants_outside_float16_keep_their_readers_in_float32():
+    """An attention-mask style constant (-3.4e38, a Constant node) would become -inf in
+    float16: the Constant and the Add reading it stay float32; the output stays finite."""
+    mask = numpy_helper.from_array(np.full((16,), -3.0e38, np.float32), "mask")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Constant", [], ["m"], value=mask),
+        helper.make_node("Mul", ["m", "zero_one"], ["bias"]),
+        helper.make_node("Add", ["h", "bias"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["y"], axis=-1),
+    ]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array((np.arange(16) % 2).astype(np.float32), "zero_one")]
+    graph = helper.make_graph(
+        nodes, "mask", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])], inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model = ir.from_proto(proto)
+    CastFloatParts("float16")(model)
+    written = ir.to_proto(model)
+    types = value_types(written)
+    assert types["m"] == types["bias"] == TensorProto.FLOAT
+    assert types["h"] == TensorProto.FLOAT16
+    x = rng.normal(0, 1, (4, 16)).astype(np.float32)
+    output = run_onnx(written, {"x": x})[0]
+    assert np.isfinite(output).all()
+    assert relative_error(output, run_onnx(proto, {"x": x})[0]) < 5e-3

@@ -79,7 +79,8 @@ class CastFloatParts(Pass):
          stays inside the quantized range);
        - it is elementwise (`FOLLOWS_FLOAT32`) and every non-constant float input it reads comes
          from a float32 node (the `+ eps`, sqrt and 1/x after a variance);
-       - a constant float input lies outside `dtype`'s range;
+       - a constant float input or output (Constant) lies outside `dtype`'s range;
+       - a subgraph (If, Loop, Scan) reads one of its outputs;
        - it is a QuantizeLinear / DequantizeLinear whose scale `dtype` cannot hold within
          `SCALE_TOLERANCE`;
        - its schema (onnx's; ONNX Runtime's for com.microsoft) does not allow `dtype` for its
@@ -162,10 +163,12 @@ class CastFloatParts(Pass):
         ):
             return "reads only float32 results (FOLLOWS_FLOAT32)"
         limit = _largest(self.dtype)
-        for value in float_inputs:
-            array = constant(value)
+        for value in [*float_inputs, *node.outputs]:  # a Constant node's output included
+            array = constant(value) if value.dtype == FLOAT32 else None
             if array is not None and array.size and np.abs(array).max() > limit:
-                return f"constant input {value.name} exceeds {self.dtype.name.lower()}'s range"
+                return f"constant {value.name} exceeds {self.dtype.name.lower()}'s range"
+        if any(u.node.graph is not node.graph for v in node.outputs for u in v.uses()):
+            return "a subgraph reads its output"
         if is_op(node, "QuantizeLinear", "DequantizeLinear") and not self._holds_scale(node):
             return f"its scale does not fit {self.dtype.name.lower()}"
         if _float_slots(node, opset, self.dtype) is None:
