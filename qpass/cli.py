@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from qpass import presets, targets
 from qpass.errors import QpassError, first_line
+from qpass.passes.cast_float_parts import FLOAT_TYPES
 
 
 class Parser(argparse.ArgumentParser):
@@ -134,6 +135,14 @@ def _add_compile(commands) -> None:
         metavar="PATH",
         help="ONNX Runtime custom-op library for the model's ops of other domains (repeatable)",
     )
+    c.add_argument(
+        "--float-type",
+        choices=FLOAT_TYPES,
+        help="type of the float parts (weights left float, scales, activations between "
+        "quantized ops); float16 keeps reductions, Softmax, normalizations and exp in float32 "
+        "(for TensorRT, which runs what the ONNX types say); default: float16 for a float16 "
+        "model, else float32",
+    )
     c.add_argument("--report", type=Path, help="write a report (.html, .md or .json)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     options = c.add_argument_group("preset options (default: the preset's)")
@@ -183,6 +192,7 @@ def _compile(args) -> int:
             progress=not args.quiet,
             keep_reference=args.report is not None,
             custom_op_libraries=args.custom_op_library,
+            float_type=args.float_type,
             **{k: v for k, v in options.items() if v is not None},
         )
     except qpass.LintError as e:

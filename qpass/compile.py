@@ -16,7 +16,10 @@ from qpass.calibration import CalibrationData, Context
 from qpass.capture import capture
 from qpass.errors import CalibrationError, LintError, QpassError
 from qpass.files import replacing, write_model
+from qpass.graph import raise_opset
+from qpass.metadata import SOURCE_FLOAT_TYPE
 from qpass.passes.base import CalibratedPass
+from qpass.passes.cast_float_parts import FLOAT_TYPES, LOW_TYPES, CastFloatParts
 from qpass.runtime import onnxruntime as ort_runtime
 
 logger = logging.getLogger(__name__)
@@ -106,6 +109,7 @@ def compile(
     progress: bool = True,
     keep_reference: bool = True,
     custom_op_libraries: list[str] | tuple[str, ...] = (),
+    float_type: str | None = None,
     **options: Any,
 ) -> CompiledModel:
     """Compile a float model into a quantized one.
@@ -128,6 +132,12 @@ def compile(
             memory; the CLI keeps it only when a report is asked for).
         custom_op_libraries: ONNX Runtime custom-op libraries implementing the model's ops of
             other domains, loaded into every session of this process (calibration included).
+        float_type: the type of the compiled model's float parts (weights left float,
+            scales, activations between quantized ops): "float32", "float16" (TensorRT runs
+            what the ONNX types say; reductions, Softmax, normalizations and exp stay float32,
+            see `CastFloatParts`) or "bfloat16" (ONNX Runtime's CPU provider cannot run it).
+            Default: float16 for a float16 model, float32 otherwise (bfloat16 models too). The
+            model's inputs and outputs keep their types.
         options: the preset's typed options (e.g. calibrator, group_size, format); an option the
             preset does not take, or out of its range, is refused before any work.
     """
@@ -152,6 +162,9 @@ def compile(
     if isinstance(model, ir.Model):
         model = model.clone()
     model = capture(model, example_inputs)
+    float_type = _float_type(model, float_type)
+    if float_type in LOW_TYPES:
+        raise_opset(model, FLOAT16_SCALES_OPSET)
     if preset_pipeline:
         checks.refuse_quantized(model.graph)
     checks.check_graph(model.graph)
@@ -165,6 +178,8 @@ def compile(
     for p in calibrated:
         p.context = context
     _run(passes, model)
+    if float_type in LOW_TYPES:
+        CastFloatParts(float_type)(model)
     RemoveUnusedNodesPass()(model)  # e.g. the float weights that quantized copies replaced
     checks.check_scales(model)
     compiled = CompiledModel(model, float_model, context, target)
@@ -186,6 +201,21 @@ def _run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
         if isinstance(cause, ir.passes.PreconditionError):
             raise QpassError(str(cause)) from None
         raise
+
+
+FLOAT16_SCALES_OPSET = 19
+"""QuantizeLinear / DequantizeLinear take float16 and bfloat16 scales from opset 19."""
+
+
+def _float_type(model: ir.Model, float_type: str | None) -> str:
+    """The float type of the compiled model: `float_type`, else the source model's float16."""
+    if float_type is not None and float_type not in FLOAT_TYPES:
+        raise QpassError(f"float type {float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
+    source = model.meta.get(SOURCE_FLOAT_TYPE)
+    if float_type is None and source == "bfloat16":
+        logger.warning("bfloat16 model: computed in float32 inside (ONNX Runtime's CPU provider "
+                       "has no bfloat16 kernels); its inputs and outputs keep their types")
+    return float_type or ("float16" if source == "float16" else "float32")
 
 
 _LISTED = 10

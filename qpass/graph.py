@@ -170,6 +170,12 @@ def tensors_left_out(values: list[ir.Value]) -> Iterator[None]:
             value.const_value = tensor
 
 
+def retype(value: ir.Value, dtype: ir.DataType) -> None:
+    """Give `value` a tensor type of `dtype` (a new type object: onnx-ir's `dtype` setter changes
+    the type object in place, which a model's clones share with it)."""
+    value.type = ir.TensorType(dtype)
+
+
 def all_values(graph: ir.Graph):
     """The graph's inputs, initializers and node outputs (not those of subgraphs)."""
     yield from graph.inputs

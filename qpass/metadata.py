@@ -64,3 +64,7 @@ s(qmin - z)."""
 GRID = "qpass.grid"
 """`node.metadata_props` of a weight's DequantizeLinear: "qmin qmax", the integer range its
 scheme rounds into (e.g. "-127 127" for symmetric int8, "-4 3" for int3 stored as int4)."""
+
+SOURCE_FLOAT_TYPE = "qpass.source_float_type"
+"""`model.meta`: "float16" or "bfloat16" when the captured model computed in that type
+(ComputeInFloat32 turned it into float32 inside); absent for float32 models."""

@@ -4,6 +4,7 @@ from qpass.passes.absorb_high_bias import AbsorbHighBias
 from qpass.passes.adaround import AdaRound
 from qpass.passes.awq import AWQ
 from qpass.passes.block_adaround import BlockAdaRound
+from qpass.passes.cast_float_parts import CastFloatParts
 from qpass.passes.compute_in_float32 import ComputeInFloat32
 from qpass.passes.correct_bias import CorrectBias
 from qpass.passes.edge_layers import KeepEdgeLayersWide
@@ -40,6 +41,7 @@ __all__ = [
     "AbsorbHighBias",
     "AdaRound",
     "BlockAdaRound",
+    "CastFloatParts",
     "ComputeInFloat32",
     "CorrectBias",
     "EqualizeCrossLayer",

@@ -7,7 +7,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qpass.graph import all_values, is_op
+from qpass.graph import all_values, is_op, retype
+from qpass.metadata import SOURCE_FLOAT_TYPE
 from qpass.passes.base import Pass
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,17 @@ class ComputeInFloat32(Pass):
 
     Quantization (QuantizeLinear-13 reads float32 only; scales follow the activations' type) then
     works on every float16 model; the quantized model computes its float parts in float32 where
-    the source model computed them in float16 (never less exact).
+    the source model computed them in float16 (never less exact). The source type goes to
+    `model.meta[SOURCE_FLOAT_TYPE]`: `qpass.compile` writes the float parts back in float16 after
+    quantization (`CastFloatParts`).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         if not any(_is_low(v) for v in all_values(graph)):
             return ir.passes.PassResult(model, modified=False)
+        low = next(v.dtype for v in all_values(graph) if _is_low(v))
+        model.meta[SOURCE_FLOAT_TYPE] = "float16" if low == ir.DataType.FLOAT16 else "bfloat16"
         boundary = self._cast_inputs(graph) | self._cast_outputs(graph)
         for value in graph.initializers.values():
             if value.const_value is not None and value.const_value.dtype in LOW_FLOATS:
@@ -47,9 +52,7 @@ class ComputeInFloat32(Pass):
             if _is_low(value) and not value.is_graph_input() and (
                 id(value.producer()) not in boundary
             ):
-                value.dtype = ir.DataType.FLOAT
-        logger.warning("float16/bfloat16 model: computed in float32 inside, its inputs and "
-                       "outputs keep their types")
+                retype(value, ir.DataType.FLOAT)
         return ir.passes.PassResult(model, modified=True)
 
     def _cast_inputs(self, graph: ir.Graph) -> set[int]:
