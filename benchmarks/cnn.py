@@ -46,7 +46,6 @@ import json
 import math
 import os
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, paired_ratio, peak_rss_mb, run_worker
+from benchmarks.common import REPO, header, paired_ratio, peak_rss_mb, run_worker, source_digest
 
 BATCH = 8  # calibration batch size, for ORT and qpass alike
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -519,29 +518,6 @@ def obq_layer_errors(bits: int, images: int, max_row: int) -> str:
     return f"{layer_error_table(rows)}\nOBQ pass: {time.perf_counter() - start:.1f} s"
 
 
-def versions() -> dict:
-    """Versions of the packages that decide the numbers."""
-    import onnx
-    import onnxruntime
-    import torch
-
-    import qpass
-
-    return {"python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__,
-            "qpass": qpass.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
-            "numpy": np.__version__, "qpass_source_sha256": source_digest()}
-
-
-def source_digest() -> str:
-    """Short hash of qpass's source files (qpass is edited often; this names the exact tree)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted([*REPO.glob("qpass/**/*.py"), *REPO.glob("runtime/*.py")]):
-        digest.update(path.relative_to(REPO).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --worker, one compile); print tables and write the JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cnn", description=__doc__,
@@ -565,11 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         print(obq_layer_errors(*args.obq_layers))
         return 0
 
-    command = shlex.join(["python", "-m", "benchmarks.cnn", *(sys.argv[1:] if argv is None
-                                                               else argv)])
-    info = versions()
-    print(f"$ {command}")
-    print("  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    command, info = header("benchmarks.cnn", argv)
     rows = []
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnn-")))

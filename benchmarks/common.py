@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,36 @@ def paired_ratio(rounds_ms: list[float], reference_rounds_ms: list[float]) -> fl
     the machine's slow and fast spells hit both alike, where a ratio of best rounds compares
     one model's luckiest moment with another's."""
     return float(np.median(np.divide(rounds_ms, reference_rounds_ms)))
+
+
+def versions() -> dict:
+    """Versions of the packages that decide the numbers."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    import qpass
+
+    return {"python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__,
+            "qpass": qpass.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "qpass_source_sha256": source_digest()}
+
+
+def source_digest() -> str:
+    """Short hash of qpass's source files (qpass is edited often; this names the exact tree)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([*REPO.glob("qpass/**/*.py"), *REPO.glob("runtime/*.py")]):
+        digest.update(path.relative_to(REPO).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def header(module: str, argv: list[str] | None) -> tuple[str, dict]:
+    """Print the command line that reproduces this run and the versions that decide its
+    numbers; return both for the report."""
+    command = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+    info = versions()
+    print(f"$ {command}")
+    print("  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    return command, info

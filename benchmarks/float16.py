@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 
 PRESETS = {"cnn": ("int8", {}), "text": ("w8a8-dynamic", {}), "llm": ("w4a16-rtn", {})}
 
@@ -132,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/float16.json")
     parser.add_argument("--work", type=Path, help="keep the models here")
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.float16",
-                          *(sys.argv[1:] if argv is None else argv)])
-    print(f"$ {command}", flush=True)
+    command, _ = header("benchmarks.float16", argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="qpass-float16-"))
     rows = []
     for name in args.models:

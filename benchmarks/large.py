@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, peak_rss_mb, run_worker
+from benchmarks.common import REPO, header, peak_rss_mb, run_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -253,13 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             return capture_worker(*args.worker[1:])
         return compile_worker(*args.worker)
 
-    from benchmarks.cnn import versions
-
-    command = shlex.join(["python", "-m", "benchmarks.large",
-                          *(sys.argv[1:] if argv is None else argv)])
-    info = versions()
-    print(f"$ {command}")
-    print("  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    command, info = header("benchmarks.large", argv)
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="large-")))
         work.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,6 @@ import importlib.util
 import io
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, paired_ratio, run_worker
+from benchmarks.common import REPO, header, paired_ratio, run_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -383,13 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(*args.worker)
 
-    from benchmarks.cnn import versions
-
-    command = shlex.join(["python", "-m", "benchmarks.llm",
-                          *(sys.argv[1:] if argv is None else argv)])
-    info = versions()
-    print(f"$ {command}")
-    print("  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    command, info = header("benchmarks.llm", argv)
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-")))
         work.mkdir(parents=True, exist_ok=True)

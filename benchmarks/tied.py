@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, paired_ratio, run_worker
+from benchmarks.common import REPO, header, paired_ratio, run_worker
 from benchmarks.llm import WORKER_TIMEOUT_S, capture_llm, log, measure_latency, save_model
 
 ROWS = {  # row label -> benchmarks.llm worker tool (w4a16-rtn with this --lm-head)
@@ -137,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/tied.json")
     parser.add_argument("--work", type=Path, help="keep exported/quantized models here")
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.tied",
-                          *(sys.argv[1:] if argv is None else argv)])
-    print(f"$ {command}", flush=True)
+    command, _ = header("benchmarks.tied", argv)
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tied-")))
         work.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,34 @@ def tiny_cnn(seed: int = 0, channels: int = 8, batchnorm: bool = True) -> onnx.M
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def random_mlp(seed: int, trans_b: bool = False) -> onnx.ModelProto:
+    """MatMul -> Add -> Relu -> Gemm on a 3-D input (the rows are tokens): Gemm(alpha=0.5), or
+    Gemm(transB=1) with `trans_b`."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (24, 32)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "b1"),
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (8, 32) if trans_b else (32, 8)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([-1, 32], np.int64), "flat"),
+    ]
+    gemm = {"transB": 1} if trans_b else {"alpha": 0.5}
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["m"]),
+        helper.make_node("Add", ["m", "b1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Reshape", ["r", "flat"], ["f"]),
+        helper.make_node("Gemm", ["f", "w2"], ["out"], **gemm),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6, 24])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 @pytest.fixture
 def tiny_model() -> onnx.ModelProto:
     return tiny_cnn()

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import run_onnx, sqnr_db, tiny_cnn
-from onnx import TensorProto, helper, numpy_helper
+from conftest import random_mlp, run_onnx, sqnr_db, tiny_cnn
+from onnx import TensorProto
 from qpass.runtime import onnxruntime as rt
 
 import qpass
@@ -110,32 +110,6 @@ def test_every_layer_reconstructs_at_least_as_well_as_round_to_nearest(seed):
     changed = [r.changed for r in rounding.results.values()]
     assert sum(c > 0 for c in changed) >= 2, rounding.results  # it did learn something
     assert np.sum(errors[:, 0] < errors[:, 1]) >= 2, errors
-
-
-def random_mlp(seed: int) -> onnx.ModelProto:
-    """MatMul -> Add -> Relu -> Gemm(transB=0, alpha) on a 3-D input: the rows are tokens."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.3, (24, 32)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.normal(0, 0.3, (32, 8)).astype(np.float32), "w2"),
-        numpy_helper.from_array(np.array([-1, 32], np.int64), "flat"),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["input", "w1"], ["m"]),
-        helper.make_node("Add", ["m", "b1"], ["a"]),
-        helper.make_node("Relu", ["a"], ["r"]),
-        helper.make_node("Reshape", ["r", "flat"], ["f"]),
-        helper.make_node("Gemm", ["f", "w2"], ["out"], alpha=0.5),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6, 24])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("held_out", [0.0, 0.2])

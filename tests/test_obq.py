@@ -9,8 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import run_onnx, sqnr_db, tiny_cnn
-from onnx import TensorProto, helper, numpy_helper
+from conftest import random_mlp, run_onnx, sqnr_db, tiny_cnn
 from qpass.runtime import onnxruntime as rt
 
 import qpass
@@ -119,31 +118,6 @@ def weight_integers(model: ir.Model) -> dict[str, np.ndarray]:
     return out
 
 
-def random_mlp(seed: int) -> onnx.ModelProto:
-    """MatMul -> Add -> Relu -> Gemm(transB=1) on a 3-D input: the rows are tokens."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.3, (24, 32)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.normal(0, 0.3, (8, 32)).astype(np.float32), "w2"),
-        numpy_helper.from_array(np.array([-1, 32], np.int64), "flat"),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["input", "w1"], ["m"]),
-        helper.make_node("Add", ["m", "b1"], ["a"]),
-        helper.make_node("Relu", ["a"], ["r"]),
-        helper.make_node("Reshape", ["r", "flat"], ["f"]),
-        helper.make_node("Gemm", ["f", "w2"], ["out"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6, 24])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("seed", range(3))
 def test_every_cnn_layer_is_at_most_gptqs_and_the_model_runs_in_onnx_runtime(seed, bits):
@@ -166,7 +140,7 @@ def test_every_cnn_layer_is_at_most_gptqs_and_the_model_runs_in_onnx_runtime(see
 @pytest.mark.parametrize("seed", range(3))
 def test_matmul_and_gemm_layers_are_at_most_gptqs(seed):
     x = np.random.default_rng(seed).normal(0, 1, (48, 6, 24)).astype(np.float32)
-    reference, model, obq = obq_model(random_mlp(seed), {"input": x})
+    reference, model, obq = obq_model(random_mlp(seed, trans_b=True), {"input": x})
     assert len(obq.errors) == 2
     for e in obq.errors.values():
         assert e.kept < e.nearest and e.kept <= min(e.obq, e.gptq) * (1 + 1e-9), obq.errors
