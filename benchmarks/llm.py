@@ -65,6 +65,11 @@ ROWS = {
     "qpass AWQ g128": ("qpass-awq", 128, "matmulnbits"),
     "qpass GPTQ+LoRC g128": ("qpass-gptq-lorc", 128, "matmulnbits"),
     "qpass GPTQ g128 lm_head int8": ("qpass-gptq-lm-head-int8", 128, "matmulnbits"),
+    "qpass GPTQ g128 3-bit": ("qpass-gptq-3bit", 128, "matmulnbits"),
+    "qpass SqueezeLLM 4-bit": ("qpass-squeezellm", None, None),
+    "qpass SqueezeLLM 4-bit dense-only": ("qpass-squeezellm-dense", None, None),
+    "qpass SqueezeLLM 3-bit": ("qpass-squeezellm-3bit", None, None),
+    "qpass SqueezeLLM 3-bit dense-only": ("qpass-squeezellm-3bit-dense", None, None),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
     "ORT GPTQ g128": ("ort-gptq", 128, None),
@@ -82,7 +87,14 @@ QPASS_TOOLS = {
     "qpass-awq": ("w4a16-awq",),
     "qpass-gptq-lorc": ("w4a16-gptq", "--lorc-rank", str(LORC_RANK)),
     "qpass-gptq-lm-head-int8": ("w4a16-gptq", "--lm-head", "int8"),
+    "qpass-gptq-3bit": ("w4a16-gptq", "--bits", "3"),
+    "qpass-squeezellm": ("w4a16-squeezellm",),
+    "qpass-squeezellm-dense": ("w4a16-squeezellm", "--outliers", "0", "--sensitive", "0"),
+    "qpass-squeezellm-3bit": ("w4a16-squeezellm", "--bits", "3"),
+    "qpass-squeezellm-3bit-dense": ("w4a16-squeezellm", "--bits", "3", "--outliers", "0",
+                                    "--sensitive", "0"),
 }
+LATENCY_TOOLS = ("qpass-rtn", "ort-rtn", "qpass-gptq-3bit", "qpass-squeezellm")
 
 
 def log(msg: str) -> None:
@@ -219,11 +231,13 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
         quantizer.model.save_model_to_file(out, use_external_data_format=False)
         rc = 0
     else:
-        from qpass import cli
+        from qpass import cli, presets
 
         preset, *extra = QPASS_TOOLS[tool]
+        if presets.get(preset).option("group_size"):  # SqueezeLLM's tables have no groups
+            extra = ["--group-size", group, "--format", fmt, *extra]
         rc = cli.main(["compile", model, "-o", out, "--preset", preset, "--calib", calib,
-                       "--group-size", group, "--format", fmt, "--batch-size", "4", "-q", *extra])
+                       "--batch-size", "4", "-q", *extra])
     wall = time.perf_counter() - start
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
     return rc
@@ -378,7 +392,7 @@ def run(args, work: Path) -> list[dict]:
         row.update(perplexity(path, test))
         log(f"{label}: ppl {row['ppl']:.3f}")
         rows.append(row)
-        if group == 128 and tool.startswith(("qpass-rtn", "ort-rtn")):
+        if group in (128, None) and tool.startswith(LATENCY_TOOLS):
             latency_paths[label] = path
     by_label = {r["row"]: r for r in rows}
     if "qpass RTN g128" in latency_paths:  # the same weights in the DequantizeLinear form

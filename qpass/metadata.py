@@ -51,3 +51,7 @@ node's module path as a Python list literal, e.g. "['', 'model.layers.0.mlp', ..
 KEEP_FLOAT = "qpass.keep_float"
 """`node.meta` of a node a pass decided to leave in float: why (`qpass.passes.base.keep_float`);
 every quantizing pass after it skips the node."""
+
+SQUEEZELLM_SENSITIVITY = "qpass.squeezellm.sensitivity"
+"""`model.metadata_props` of a model SqueezeLLM quantized: the sensitivity that weighted its
+k-means (the inputs' second moment diag(E[x xᵀ]), or the Fisher information)."""

@@ -19,6 +19,9 @@ _INTEGER_TYPES = {
     "uint8": (ir.DataType.UINT8, np.uint8, 0, 255),
     "int4": (ir.DataType.INT4, ml_dtypes.int4, -8, 7),
     "uint4": (ir.DataType.UINT4, ml_dtypes.uint4, 0, 15),
+    # 3-bit grids: ONNX has no 3-bit type, so the values live in INT4/UINT4 containers
+    "int3": (ir.DataType.INT4, ml_dtypes.int4, -4, 3),
+    "uint3": (ir.DataType.UINT4, ml_dtypes.uint4, 0, 7),
 }
 _FLOAT_TYPES = {
     "float8e4m3fn": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn, -448, 448),
@@ -40,14 +43,16 @@ class QuantScheme:
     """A quantization scheme for one class of tensors.
 
     Attributes:
-        dtype: type of the quantized tensor: "int8", "uint8", "int4", "uint4", or
+        dtype: type of the quantized tensor: "int8", "uint8", "int4", "uint4", "int3", "uint3"
+            (a 3-bit grid, [-4, 3] or [0, 7], stored in INT4/UINT4: ONNX has no 3-bit type), or
             "float8e4m3fn" (FP8 E4M3, always symmetric: scale = amax / 448, zero point 0,
             saturating at +-448; Q/DQ need opset 19), or "float4e2m1" (FP4 E2M1 weights:
             scale = amax / 6, values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; opset 23).
         per_channel: one scale per slice along the tensor's channel axis (weights), else one scale.
         symmetric: zero point fixed at 0 (the middle of the range for unsigned types); 8-bit
             signed types then use the restricted range [-127, 127]; 4-bit types keep all 16
-            levels, scale = max|w| / 7.5 (the GPTQ convention: [-8, 7], or [0, 15] around 8).
+            levels, scale = max|w| / 7.5 (the GPTQ convention: [-8, 7], or [0, 15] around 8;
+            3-bit types likewise: max|w| / 3.5, [-4, 3] or [0, 7] around 4).
         method: how the range is chosen from calibration statistics.
         percentile: the percentile kept by method="percentile".
         group_size: weights only: one scale (and zero point) per block of `group_size`
@@ -90,6 +95,8 @@ class QuantScheme:
 
     @property
     def bits(self) -> int:
+        if self.dtype.endswith("3"):
+            return 3
         return 4 if self.dtype.endswith("4") or self.dtype == FP4 else 8
 
     @property
@@ -103,7 +110,7 @@ class QuantScheme:
         for weights, this granularity): 21 for INT4/UINT4 and blockwise scales."""
         if self.dtype == FP4:
             return FLOAT4_OPSET
-        if self.bits == 4 or self.group_size is not None:
+        if self.bits <= 4 or self.group_size is not None:
             return INT4_OPSET
         return FLOAT_TYPE_OPSET if self.is_float else 13
 

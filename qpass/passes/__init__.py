@@ -26,6 +26,7 @@ from qpass.passes.quantize_lm_head import QuantizeLMHead
 from qpass.passes.rtn import RoundToNearest
 from qpass.passes.sensitivity import KeepSensitiveFloat
 from qpass.passes.smoothquant import SmoothQuant
+from qpass.passes.squeezellm import SqueezeLLM
 
 __all__ = [
     "AWQ",
@@ -54,4 +55,5 @@ __all__ = [
     "QuantizeLMHead",
     "RoundToNearest",
     "SmoothQuant",
+    "SqueezeLLM",
 ]

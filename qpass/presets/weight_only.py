@@ -1,4 +1,5 @@
-"""Weight-only 4-bit presets for decoder LLMs (W4A16): w4a16-rtn, w4a16-gptq, w4a16-awq."""
+"""Weight-only 4-bit presets for decoder LLMs (W4A16): w4a16-rtn, w4a16-gptq, w4a16-awq
+(`--bits 3`: a 3-bit grid in the same 4-bit containers)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ from qpass.schemes import QuantScheme
 from qpass.targets import Target
 
 TARGETS = ("onnxruntime", "tensorrt")
+BITS = Option("bits", int, "weight bits: 4, or 3 (a 3-bit grid stored in the same 4-bit "
+              "containers: ONNX has no 3-bit type and MatMulNBits takes 2, 4 or 8 bits)", 4,
+              choices=(3, 4))
 COMMON = (
+    BITS,
     Option("group_size", int, "input channels per weight scale", 128, minimum=1),
     Option("format", str, "blockwise DequantizeLinear -> MatMul (dq), ONNX Runtime's MatMulNBits, "
            "or qpass's INT4 GEMM TensorRT plugin node (plugin)", "dq",
@@ -44,15 +49,17 @@ STAGED = (
 )
 
 
-def _scheme(group_size: int, symmetric: bool) -> QuantScheme:
-    """4-bit weights: int4 around 0 when symmetric, else uint4 with a zero point per group."""
+def _scheme(bits: int, group_size: int, symmetric: bool) -> QuantScheme:
+    """b-bit weights: int4/int3 around 0 when symmetric, else uint4/uint3 with a zero point per
+    group."""
     return QuantScheme(
-        dtype="int4" if symmetric else "uint4", symmetric=symmetric, group_size=group_size
+        dtype=f"{'' if symmetric else 'u'}int{bits}", symmetric=symmetric, group_size=group_size
     )
 
 
 def _pipeline(
     quantize: Callable[[QuantScheme, bool], ir.passes.PassBase],
+    bits: int,
     group_size: int,
     format: str,
     symmetric: bool,
@@ -63,7 +70,7 @@ def _pipeline(
     """`quantize(scheme, lm_head == "int4")` (with LoRC's snapshot before it and branches after
     it when `lorc_rank`), the final projection per `lm_head` (float; int4 by the same pass; int8
     by `QuantizeLMHead`, in the scheme's groups and symmetry), then the lowering to `format`."""
-    scheme = _scheme(group_size, symmetric)
+    scheme = _scheme(bits, group_size, symmetric)
     passes = [quantize(scheme, lm_head == "int4")]
     if lorc_rank:
         lorc = LowRankCompensation(lorc_rank)

@@ -1,0 +1,264 @@
+"""SqueezeLLM: per-output-channel lookup tables fitted by sensitivity-weighted k-means, with
+the outliers and the most sensitive values kept in float as a sparse part."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from qpass.calibration import Context
+from qpass.calibration.staged import StagedCalibration
+from qpass.graph import constant, initializer
+from qpass.metadata import SQUEEZELLM_SENSITIVITY
+from qpass.passes.groupwise import TokenStatistics
+from qpass.passes.staged import StagedWeightPass
+from qpass.schemes import QuantScheme
+
+logger = logging.getLogger(__name__)
+
+H_DIAGONAL = "diag(E[x x^T]) of each layer's calibration inputs"
+"""The sensitivity this pass uses (the Fisher information needs gradients of a torch module,
+which the passes, working on the ONNX graph, do not have)."""
+
+
+def _row_searchsorted(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """np.searchsorted(rows[r], queries[r]) (side left) for every row r at once: each row's
+    values are mapped into [2r, 2r + 1) so that one flat search serves all rows."""
+    low = np.minimum(rows.min(1), queries.min(1))[:, None]
+    span = (np.maximum(rows.max(1), queries.max(1))[:, None] - low) * 1.001 + 1e-30
+    offset = 2.0 * np.arange(len(rows))[:, None]
+    found = np.searchsorted(((rows - low) / span + offset).ravel(), (queries - low) / span + offset)
+    return found - rows.shape[1] * np.arange(len(rows))[:, None]
+
+
+def weighted_kmeans(
+    values: np.ndarray, weights: np.ndarray, levels: int, iterations: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of values [R, M]: a table of `levels` values (ascending) minimizing
+    Σ_m weights[r, m] (values[r, m] - table[r, index[r, m]])²; returns (table [R, L], index
+    [R, M]). Lloyd's algorithm in one dimension: the rows are sorted once, each cluster is a run
+    of them and its weighted mean comes from cumulative sums; it starts from weighted quantiles,
+    and a cluster left empty restarts at its row's worst-fitted value."""
+    values = np.asarray(values, np.float64)
+    weights = np.broadcast_to(np.asarray(weights, np.float64), values.shape)
+    rows, m = values.shape
+    order = np.argsort(values, axis=1, kind="stable")
+    v = np.take_along_axis(values, order, 1)
+    w = np.take_along_axis(weights, order, 1)
+    zero = np.zeros((rows, 1))
+    mass_before = np.concatenate([zero, np.cumsum(w, 1)], 1)  # [R, M + 1]
+    moment_before = np.concatenate([zero, np.cumsum(w * v, 1)], 1)
+    total = mass_before[:, -1:]
+    quantiles = total * (np.arange(levels) + 0.5) / levels
+    start = np.clip(_row_searchsorted(mass_before[:, 1:], quantiles), 0, m - 1)
+    table = np.take_along_axis(v, start, 1)
+    r = np.arange(rows)[:, None]
+    for _ in range(iterations):
+        table.sort(axis=1)
+        edges = np.concatenate(
+            [np.zeros((rows, 1), int), _row_searchsorted(v, (table[:, 1:] + table[:, :-1]) / 2),
+             np.full((rows, 1), m)], 1,
+        )
+        mass = mass_before[r, edges[:, 1:]] - mass_before[r, edges[:, :-1]]
+        moment = moment_before[r, edges[:, 1:]] - moment_before[r, edges[:, :-1]]
+        new = np.where(mass > 0, moment / np.where(mass > 0, mass, 1.0), table)
+        for row in np.flatnonzero((mass <= 0).any(1)):
+            new[row] = _restart_empty(v[row], w[row], new[row], mass[row] <= 0)
+        if np.array_equal(np.sort(new, 1), table):
+            break
+        table = new
+    table.sort(axis=1)
+    index = _row_searchsorted((table[:, 1:] + table[:, :-1]) / 2, values)
+    return table, index
+
+
+def _restart_empty(v: np.ndarray, w: np.ndarray, table: np.ndarray, empty: np.ndarray):
+    """The row's table with each empty cluster moved to the value fitted worst (weighted)."""
+    table = table.copy()
+    kept = np.sort(table[~empty]) if (~empty).any() else table[:1]
+    nearest = kept[np.clip(np.searchsorted((kept[1:] + kept[:-1]) / 2, v), 0, len(kept) - 1)]
+    cost = w * (v - nearest) ** 2
+    for level in np.flatnonzero(empty):
+        worst = int(np.argmax(cost))
+        table[level] = v[worst]
+        cost[worst] = 0.0
+    return table
+
+
+@dataclasses.dataclass
+class LookupWeight:
+    """A weight W [K, N] as table[index[k, n], n] (dense: `index` [K, N] in 0..L-1, `table`
+    [L, N] float32) plus a sparse part: W[rows[i], cols[i]] += values[i]."""
+
+    index: np.ndarray
+    table: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+
+    def dense(self) -> np.ndarray:
+        """The dense part as float32 [K, N] (what GatherElements(table, index, axis=0) gives)."""
+        return np.take_along_axis(self.table, self.index.astype(np.int64), 0)
+
+    def dequantize(self) -> np.ndarray:
+        """Dense plus sparse part, float32 [K, N]."""
+        w = self.dense()
+        np.add.at(w, (self.rows, self.cols), self.values)
+        return w
+
+
+def squeeze(
+    w: np.ndarray, sensitivity: np.ndarray, bits: int, outliers: float = 0.0,
+    sensitive: float = 0.0,
+) -> LookupWeight:
+    """SqueezeLLM's dense-and-sparse decomposition of W [K, N] (y = x @ W), one table of 2^bits
+    levels per output channel n, fitted by k-means weighted by `sensitivity` ([K] per input
+    channel, or [K, N] per value).
+
+    1. Outliers: the `outliers` fraction of W's values of largest magnitude go to the sparse
+       part and leave the fit (their weight is zero).
+    2. Each column W[:, n] gets its table by weighted k-means over the remaining values.
+    3. Sensitive values: of the rest, the `sensitive` fraction with the largest weighted error
+       sensitivity (w - ŵ)² goes to the sparse part too.
+    The sparse part holds w - ŵ at its positions, so dense + sparse is exact there."""
+    k, n = w.shape
+    w = np.asarray(w, np.float32)
+    f = np.broadcast_to(np.asarray(sensitivity, np.float64).reshape(k, -1), (k, n))
+    f = f + 1e-6 * max(float(f.mean()), 1e-30)  # input channels never seen still count a little
+    sparse = np.zeros((k, n), bool)
+    count = round(outliers * w.size)
+    if count:
+        sparse.flat[np.argpartition(-np.abs(w).ravel(), count - 1)[:count]] = True
+    table, index = weighted_kmeans(w.T, np.where(sparse, 0.0, f).T, 2**bits)
+    lookup = LookupWeight(index.T.astype(np.uint8), table.T.astype(np.float32), *_empty_sparse())
+    error = np.where(sparse, 0.0, f * (w - lookup.dense()) ** 2)
+    count = round(sensitive * w.size)
+    if count:
+        sparse.flat[np.argpartition(-error.ravel(), count - 1)[:count]] = True
+    rows, cols = np.nonzero(sparse)
+    lookup.rows, lookup.cols = rows.astype(np.int32), cols.astype(np.int32)
+    lookup.values = (w - lookup.dense())[rows, cols].astype(np.float32)
+    return lookup
+
+
+def _empty_sparse() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+
+
+def replace_with_lookup(graph: ir.Graph, matmul: ir.Node, lookup: LookupWeight) -> None:
+    """MatMul(x, W)  ==>  MatMul(x, GatherElements(table, Cast(index, int64), axis=0)) and, when
+    the sparse part is not empty, ScatterElements(y, cols, Gather(x, rows, axis=-1) * values,
+    axis=-1, reduction=add) after it."""
+    old = matmul.inputs[1]
+    base = matmul.name or old.name or "weight"
+    index = initializer(graph, f"{base}.weight_index", lookup.index.astype(ml_dtypes.uint4))
+    table = initializer(graph, f"{base}.weight_table", lookup.table)
+    cast = ir.node("Cast", [index], {"to": ir.DataType.INT64}, name=f"{base}.index_cast")
+    gather = ir.node("GatherElements", [table, cast.outputs[0]], {"axis": 0},
+                     name=f"{base}.weight_lookup")
+    gather.outputs[0].name = f"{base}.weight_dequantized"
+    gather.outputs[0].dtype = ir.DataType.FLOAT
+    gather.outputs[0].shape = ir.Shape(lookup.index.shape)
+    graph.insert_before(matmul, [cast, gather])
+    matmul.replace_input_with(1, gather.outputs[0])
+    if old.is_initializer() and not old.uses() and not old.is_graph_output():
+        graph.initializers.pop(old.name)
+    if len(lookup.values):
+        _add_sparse(graph, matmul, lookup, base)
+
+
+def _add_sparse(graph: ir.Graph, matmul: ir.Node, lookup: LookupWeight, base: str) -> None:
+    y = matmul.outputs[0]
+    uses = list(y.uses())
+    rows = initializer(graph, f"{base}.sparse_rows", lookup.rows)
+    cols = initializer(graph, f"{base}.sparse_cols", lookup.cols)
+    values = initializer(graph, f"{base}.sparse_values", lookup.values)
+    picked = ir.node("Gather", [matmul.inputs[0], rows], {"axis": -1}, name=f"{base}.sparse_x")
+    products = ir.node("Mul", [picked.outputs[0], values], name=f"{base}.sparse_mul")
+    shape = ir.node("Shape", [products.outputs[0]], name=f"{base}.sparse_shape")
+    where = ir.node("Expand", [cols, shape.outputs[0]], name=f"{base}.sparse_cols_expand")
+    scatter = ir.node(
+        "ScatterElements", [y, where.outputs[0], products.outputs[0]],
+        {"axis": -1, "reduction": "add"}, name=f"{base}.sparse_add",
+    )
+    scatter.outputs[0].dtype, scatter.outputs[0].shape = y.dtype, y.shape
+    graph.insert_after(matmul, [picked, products, shape, where, scatter])
+    for use in uses:
+        use.node.replace_input_with(use.idx, scatter.outputs[0])
+    if y.is_graph_output():
+        outputs = graph.outputs
+        outputs[outputs.index(y)] = scatter.outputs[0]
+        name, y.name = y.name, f"{y.name}.dense"
+        scatter.outputs[0].name = name
+
+
+class SqueezeLLM(StagedWeightPass):
+    """Quantize MatMul weights with SqueezeLLM (Kim et al. 2023, "SqueezeLLM: Dense-and-Sparse
+    Quantization"): non-uniform, one lookup table per output channel, weight-only.
+
+    Rewrite rules, for each MatMul with a constant float weight W [K, N] that is not excluded:
+
+    1. The model's opset is raised to 21 if it is lower (UINT4).
+    2. Stage by stage as GPTQ (`StagedWeightPass`), the sensitivity of each input channel k is
+       h_k = diag(E[x xᵀ]) of the MatMul's calibration inputs (token rows at unit norm with
+       `normalize_tokens`). The paper weighs by the Fisher information, squared gradients
+       E[g²] of each weight; for a linear layer g_kn = x_k δ_n, and within one output channel
+       n (one table) the δ_n factor is common, so h_k is the Fisher weight up to that factor
+       and the assumption that x_k and δ_n are independent. Gradients need the torch module,
+       which the passes do not see: this pass always uses h (model.metadata_props
+       `qpass.squeezellm.sensitivity` says so in the file).
+    3. W = D + S (`squeeze`): the `outliers` fraction of W's values of largest magnitude and the
+       `sensitive` fraction with the largest weighted error go to the sparse part S (the paper's
+       best: 0.40% + 0.05%); each column of D gets 2^bits levels by k-means weighted by h.
+    4. MatMul(x, W)  ==>  MatMul(x, GatherElements(table [L, N], Cast(index [K, N] uint4,
+       int64), axis 0)), then, if S is not empty, y  ==>  ScatterElements(y, cols,
+       Gather(x, rows, axis=-1) * values, axis=-1, reduction=add) (`replace_with_lookup`).
+       3-bit indices are stored in UINT4 (ONNX has no 3-bit type). ONNX Runtime has no
+       lookup-table MatMul kernel: it folds the constant lookup into a float weight when the
+       session starts, so the file is small and the run is as fast (and as large in memory) as
+       the float model's.
+    5. The final projection stays in float unless `lm_head=True`.
+    """
+
+    label = "SqueezeLLM"
+
+    def __init__(
+        self,
+        context: Context | None = None,
+        *,
+        bits: int = 4,
+        outliers: float = 0.004,
+        sensitive: float = 0.0005,
+        exclude: frozenset[str] = frozenset(),
+        lm_head: bool = False,
+        sequential: str = "block",
+        normalize_tokens: bool = True,
+    ):
+        if bits not in (3, 4):
+            raise ValueError(f"SqueezeLLM takes 3 or 4 bits (UINT4 indices), not {bits}")
+        if not (0 <= outliers < 1 and 0 <= sensitive < 1):
+            raise ValueError("the sparse fractions (outliers, sensitive) must lie in [0, 1)")
+        # the base class keeps the indices' scheme; the values come from the tables
+        indices = QuantScheme(dtype=f"uint{bits}")
+        super().__init__(context, indices, exclude, lm_head, sequential, normalize_tokens)
+        self.bits, self.outliers, self.sensitive = bits, outliers, sensitive
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = super().call(model)
+        if result.modified:
+            model.metadata_props[SQUEEZELLM_SENSITIVITY] = H_DIAGONAL
+            logger.info("SqueezeLLM sensitivity: %s", H_DIAGONAL)
+        return result
+
+    def _quantize_stage(self, model, runner: StagedCalibration, stage, description) -> None:
+        stats = self._statistics(model, runner, stage, TokenStatistics, description)
+        for node in stage:
+            s = stats[node.inputs[0].name]
+            h = np.diag(s.xtx) / max(s.rows, 1)
+            lookup = squeeze(constant(node.inputs[1]), h, self.bits, self.outliers,
+                             self.sensitive)
+            replace_with_lookup(model.graph, node, lookup)
