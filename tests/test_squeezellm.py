@@ -3,6 +3,8 @@ the 3-bit grids of `--bits 3`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -11,7 +13,13 @@ from test_weight_only import correlated, mlp, run
 import qpass
 from qpass.graph import constant
 from qpass.metadata import SQUEEZELLM_SENSITIVITY
-from qpass.passes.squeezellm import H_DIAGONAL, LookupWeight, squeeze, weighted_kmeans
+from qpass.passes.squeezellm import (
+    H_DIAGONAL,
+    LookupWeight,
+    compensate,
+    squeeze,
+    weighted_kmeans,
+)
 
 
 def weighted_error(w, w_hat, f) -> float:
@@ -84,7 +92,8 @@ def lookups(model: ir.Model) -> dict[str, LookupWeight]:
 
 
 @pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 3},
-                                     {"bits": 3, "outliers": 0.0, "sensitive": 0.0}])
+                                     {"bits": 3, "outliers": 0.0, "sensitive": 0.0},
+                                     {"bits": 3, "compensate": True}])
 def test_preset_runs_in_onnx_runtime_as_its_dequantized_weights(options):
     model = mlp()
     x = correlated(64, 96, seed=5).reshape(8, 8, 96)
@@ -204,3 +213,25 @@ def test_bad_bits_and_fractions_are_one_line_errors(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--bits: invalid choice: 5 (choose from 3, 4)" in err
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_compensation_keeps_the_tables_and_lowers_the_layer_error(seed):
+    """Correlated inputs: GPTQ's error feedback onto the same tables lowers ||X (W - Ŵ)||²;
+    with one input channel the feedback has nowhere to go and each value goes to its nearest
+    table entry."""
+    rng = np.random.default_rng(seed)
+    x = correlated(2048, 128, seed=seed).astype(np.float64)
+    w = rng.normal(0, 1, (128, 48))
+    h = x.T @ x / len(x)
+    lookup = squeeze(w, np.diag(h), 3, outliers=0.004, sensitive=0.001)
+    compensated = compensate(w, h, lookup)
+    np.testing.assert_array_equal(compensated.table, lookup.table)
+    error = {name: np.sum((x @ (w - lw.dequantize())) ** 2)
+             for name, lw in (("nearest", lookup), ("compensated", compensated))}
+    assert error["compensated"] < 0.8 * error["nearest"]
+    dense = squeeze(w, np.diag(h), 3)
+    table = dense.table.astype(np.float64)
+    alone = compensate(w[:1], np.ones((1, 1)), dataclasses.replace(dense, index=dense.index[:1]))
+    np.testing.assert_allclose(np.abs(w[0] - alone.dense()[0]),
+                               np.abs(w[0][None] - table).min(0), rtol=1e-6)

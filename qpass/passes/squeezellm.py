@@ -145,6 +145,50 @@ def squeeze(
     return lookup
 
 
+def compensate(
+    w: np.ndarray, h: np.ndarray, lookup: LookupWeight, block_size: int = 128,
+    damp: float = 0.01,
+) -> LookupWeight:
+    """Round W [K, N] onto `lookup`'s tables again with GPTQ's error feedback (Frantar et al.
+    2022, Alg. 1, with act-order), H = E[x xᵀ] [K, K]: input channels in order of decreasing
+    H_kk, each rounded to its output channel's nearest table entry, its error spread over the
+    channels not yet rounded along the Cholesky factor of (H + λI)⁻¹ (λ = `damp` x mean diag H),
+    in lazy blocks of `block_size`. The sparse positions stay exact: they take the weight as
+    updated when their input channel comes. Not in SqueezeLLM, whose rounding is to nearest."""
+    n, k = w.shape[1], w.shape[0]
+    W = np.asarray(w, np.float64).T.copy()  # [N, K]: rows are output channels, as in GPTQ
+    H = np.array(h, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(H), kind="stable")
+    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    keep = np.zeros((n, k), bool)
+    keep[lookup.cols, np.argsort(perm)[lookup.rows]] = True
+    table = lookup.table.T.astype(np.float64)  # [N, L]
+    middles = (table[:, 1:] + table[:, :-1]) / 2
+    index, final = np.zeros((n, k), np.uint8), np.zeros((n, k))
+    rows = np.arange(n)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1, E1, U1 = W[:, i1:i2].copy(), np.zeros((n, i2 - i1)), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = W1[:, i]
+            index[:, i1 + i] = (column[:, None] > middles).sum(1)
+            rounded = np.where(keep[:, i1 + i], column, table[rows, index[:, i1 + i]])
+            final[:, i1 + i] = column
+            E1[:, i] = (column - rounded) / U1[i, i]
+            W1[:, i:] -= np.outer(E1[:, i], U1[i, i:])
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    back = np.argsort(perm)
+    index, final = index[:, back].T, final[:, back].T
+    result = LookupWeight(index, lookup.table, lookup.rows, lookup.cols, lookup.values)
+    result.values = (final[lookup.rows, lookup.cols]
+                     - result.dense()[lookup.rows, lookup.cols]).astype(np.float32)
+    return result
+
+
 def _empty_sparse() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
 
@@ -221,7 +265,9 @@ class SqueezeLLM(StagedWeightPass):
        lookup-table MatMul kernel: it folds the constant lookup into a float weight when the
        session starts, so the file is small and the run is as fast (and as large in memory) as
        the float model's.
-    5. The final projection stays in float unless `lm_head=True`.
+    5. With `compensate` (not in the paper), W is rounded onto the fitted tables once more in
+       GPTQ's order with its error feedback from the full H (`compensate`).
+    6. The final projection stays in float unless `lm_head=True`.
     """
 
     label = "SqueezeLLM"
@@ -237,6 +283,7 @@ class SqueezeLLM(StagedWeightPass):
         lm_head: bool = False,
         sequential: str = "block",
         normalize_tokens: bool = True,
+        compensate: bool = False,
     ):
         if bits not in (3, 4):
             raise ValueError(f"SqueezeLLM takes 3 or 4 bits (UINT4 indices), not {bits}")
@@ -246,6 +293,7 @@ class SqueezeLLM(StagedWeightPass):
         indices = QuantScheme(dtype=f"uint{bits}")
         super().__init__(context, indices, exclude, lm_head, sequential, normalize_tokens)
         self.bits, self.outliers, self.sensitive = bits, outliers, sensitive
+        self.compensate = compensate
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
@@ -258,7 +306,9 @@ class SqueezeLLM(StagedWeightPass):
         stats = self._statistics(model, runner, stage, TokenStatistics, description)
         for node in stage:
             s = stats[node.inputs[0].name]
-            h = np.diag(s.xtx) / max(s.rows, 1)
-            lookup = squeeze(constant(node.inputs[1]), h, self.bits, self.outliers,
-                             self.sensitive)
+            h = s.xtx / max(s.rows, 1)
+            w = constant(node.inputs[1])
+            lookup = squeeze(w, np.diag(h), self.bits, self.outliers, self.sensitive)
+            if self.compensate:
+                lookup = compensate(w, h, lookup)
             replace_with_lookup(model.graph, node, lookup)

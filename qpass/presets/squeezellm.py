@@ -20,6 +20,8 @@ from qpass.targets import Target
                "(sparse part)", 0.004, minimum=0.0),
         Option("sensitive", float, "fraction of each weight's values of largest weighted error "
                "kept in float as well", 0.0005, minimum=0.0),
+        Option("compensate", bool, "round onto the tables with GPTQ's error feedback "
+               "(not in the paper)", False),
         *STAGED,
     ),
 )
@@ -29,6 +31,7 @@ def w4a16_squeezellm(
     bits: int,
     outliers: float,
     sensitive: float,
+    compensate: bool,
     sequential: str,
     normalize_tokens: bool,
 ) -> list[ir.passes.PassBase]:
@@ -39,5 +42,6 @@ def w4a16_squeezellm(
     the lookup is a GatherElements that ONNX Runtime folds into a float weight at load."""
     return [
         SqueezeLLM(bits=bits, outliers=outliers, sensitive=sensitive, exclude=exclude,
-                   sequential=sequential, normalize_tokens=normalize_tokens)
+                   sequential=sequential, normalize_tokens=normalize_tokens,
+                   compensate=compensate)
     ]
