@@ -70,6 +70,8 @@ ROWS = {
     "qpass SqueezeLLM 4-bit dense-only": ("qpass-squeezellm-dense", None, None),
     "qpass SqueezeLLM 3-bit": ("qpass-squeezellm-3bit", None, None),
     "qpass SqueezeLLM 3-bit dense-only": ("qpass-squeezellm-3bit-dense", None, None),
+    "qpass SqueezeLLM 4-bit compensated": ("qpass-squeezellm-compensated", None, None),
+    "qpass SqueezeLLM 3-bit compensated": ("qpass-squeezellm-3bit-compensated", None, None),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
     "ORT GPTQ g128": ("ort-gptq", 128, None),
@@ -93,8 +95,10 @@ QPASS_TOOLS = {
     "qpass-squeezellm-3bit": ("w4a16-squeezellm", "--bits", "3"),
     "qpass-squeezellm-3bit-dense": ("w4a16-squeezellm", "--bits", "3", "--outliers", "0",
                                     "--sensitive", "0"),
+    "qpass-squeezellm-compensated": ("w4a16-squeezellm", "--compensate"),
+    "qpass-squeezellm-3bit-compensated": ("w4a16-squeezellm", "--bits", "3", "--compensate"),
 }
-LATENCY_TOOLS = ("qpass-rtn", "ort-rtn", "qpass-gptq-3bit", "qpass-squeezellm")
+LATENCY_TOOLS = ("qpass-rtn", "ort-rtn", "qpass-gptq", "qpass-squeezellm")
 
 
 def log(msg: str) -> None:

@@ -25,14 +25,22 @@ H_DIAGONAL = "diag(E[x x^T]) of each layer's calibration inputs"
 which the passes, working on the ONNX graph, do not have)."""
 
 
-def _row_searchsorted(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """np.searchsorted(rows[r], queries[r]) (side left) for every row r at once: each row's
-    values are mapped into [2r, 2r + 1) so that one flat search serves all rows."""
-    low = np.minimum(rows.min(1), queries.min(1))[:, None]
-    span = (np.maximum(rows.max(1), queries.max(1))[:, None] - low) * 1.001 + 1e-30
-    offset = 2.0 * np.arange(len(rows))[:, None]
-    found = np.searchsorted(((rows - low) / span + offset).ravel(), (queries - low) / span + offset)
-    return found - rows.shape[1] * np.arange(len(rows))[:, None]
+class _SortedRows:
+    """Rows [R, M], each sorted ascending, searched all at once: row r's values are mapped into
+    [2r, 2r + 1) so that one flat np.searchsorted serves every row."""
+
+    def __init__(self, rows: np.ndarray, low: np.ndarray, high: np.ndarray):
+        self.low = low[:, None]
+        self.span = (high[:, None] - self.low) * 1.001 + 1e-30
+        self.offset = 2.0 * np.arange(len(rows))[:, None]
+        self.width = rows.shape[1]
+        self.keys = ((rows - self.low) / self.span + self.offset).ravel()
+
+    def searchsorted(self, queries: np.ndarray) -> np.ndarray:
+        """np.searchsorted(rows[r], queries[r]) (side left) for every row r; the queries must
+        lie within [low, high] of their row."""
+        found = np.searchsorted(self.keys, (queries - self.low) / self.span + self.offset)
+        return found - self.width * np.arange(len(queries))[:, None]
 
 
 def weighted_kmeans(
@@ -52,17 +60,16 @@ def weighted_kmeans(
     zero = np.zeros((rows, 1))
     mass_before = np.concatenate([zero, np.cumsum(w, 1)], 1)  # [R, M + 1]
     moment_before = np.concatenate([zero, np.cumsum(w * v, 1)], 1)
-    total = mass_before[:, -1:]
-    quantiles = total * (np.arange(levels) + 0.5) / levels
-    start = np.clip(_row_searchsorted(mass_before[:, 1:], quantiles), 0, m - 1)
-    table = np.take_along_axis(v, start, 1)
+    quantiles = mass_before[:, -1:] * (np.arange(levels) + 0.5) / levels
+    cumulative = _SortedRows(mass_before[:, 1:], zero[:, 0], mass_before[:, -1])
+    table = np.take_along_axis(v, np.clip(cumulative.searchsorted(quantiles), 0, m - 1), 1)
+    sorted_values = _SortedRows(v, v[:, 0], v[:, -1])
     r = np.arange(rows)[:, None]
+    first, last = np.zeros((rows, 1), int), np.full((rows, 1), m)
     for _ in range(iterations):
         table.sort(axis=1)
-        edges = np.concatenate(
-            [np.zeros((rows, 1), int), _row_searchsorted(v, (table[:, 1:] + table[:, :-1]) / 2),
-             np.full((rows, 1), m)], 1,
-        )
+        middles = (table[:, 1:] + table[:, :-1]) / 2
+        edges = np.concatenate([first, sorted_values.searchsorted(middles), last], 1)
         mass = mass_before[r, edges[:, 1:]] - mass_before[r, edges[:, :-1]]
         moment = moment_before[r, edges[:, 1:]] - moment_before[r, edges[:, :-1]]
         new = np.where(mass > 0, moment / np.where(mass > 0, mass, 1.0), table)
@@ -72,7 +79,12 @@ def weighted_kmeans(
             break
         table = new
     table.sort(axis=1)
-    index = _row_searchsorted((table[:, 1:] + table[:, :-1]) / 2, values)
+    # sorted value p belongs to cluster j when j middles lie at or below it
+    edges = sorted_values.searchsorted((table[:, 1:] + table[:, :-1]) / 2)
+    starts = np.zeros((rows, m + 1), np.int64)
+    np.add.at(starts, (np.broadcast_to(r, edges.shape), edges), 1)
+    index = np.empty((rows, m), np.int64)
+    np.put_along_axis(index, order, np.cumsum(starts, 1)[:, :m], 1)
     return table, index
 
 
