@@ -7,7 +7,8 @@ windows (no BOS added; each window predicts its tokens 2..512), calibration on w
 valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ (also in index order and
 with plain, not token-normalized, statistics), AWQ and GPTQ with a rank-8 LoRC branch at group
 128 (uint4 with zero points, lm_head and embeddings in float), RTN and GPTQ with an 8-bit
-lm_head and RTN with a 4-bit one (`--lm-head`); ONNX Runtime's
+lm_head and RTN with a 4-bit one (`--lm-head`); GPTQ at 3 bits (`--bits 3`) and SqueezeLLM at 4
+and 3 bits (dense+sparse, dense-only, with GPTQ's error feedback: `--compensate`); ONNX Runtime's
 MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head excluded
 likewise, and its GPTQ (`gptq_quantize`, which its GPTQ config calls; lm_head marked "fp32"):
 at group 128 it fails on SmolLM2 (K = 576: 5 groups per column, whose packed zero points it
@@ -98,7 +99,8 @@ QPASS_TOOLS = {
     "qpass-squeezellm-compensated": ("w4a16-squeezellm", "--compensate"),
     "qpass-squeezellm-3bit-compensated": ("w4a16-squeezellm", "--bits", "3", "--compensate"),
 }
-LATENCY_TOOLS = ("qpass-rtn", "ort-rtn", "qpass-gptq", "qpass-squeezellm")
+LATENCY_TOOLS = ("qpass-rtn", "ort-rtn", "qpass-squeezellm")  # and their variants
+LATENCY_GPTQ = ("qpass-gptq", "qpass-gptq-3bit")
 
 
 def log(msg: str) -> None:
@@ -396,7 +398,7 @@ def run(args, work: Path) -> list[dict]:
         row.update(perplexity(path, test))
         log(f"{label}: ppl {row['ppl']:.3f}")
         rows.append(row)
-        if group in (128, None) and tool.startswith(LATENCY_TOOLS):
+        if group in (128, None) and (tool.startswith(LATENCY_TOOLS) or tool in LATENCY_GPTQ):
             latency_paths[label] = path
     by_label = {r["row"]: r for r in rows}
     if "qpass RTN g128" in latency_paths:  # the same weights in the DequantizeLinear form
