@@ -235,3 +235,21 @@ def test_compensation_keeps_the_tables_and_lowers_the_layer_error(seed):
     alone = compensate(w[:1], np.ones((1, 1)), dataclasses.replace(dense, index=dense.index[:1]))
     np.testing.assert_allclose(np.abs(w[0] - alone.dense()[0]),
                                np.abs(w[0][None] - table).min(0), rtol=1e-6)
+
+
+def test_onnx_runtime_folds_the_lookup_into_a_float_weight_at_load(tmp_path):
+    """No lookup-table kernel: ONNX Runtime's constant folding turns Cast + GatherElements into
+    a float weight when the session starts (the small file, float speed and memory)."""
+    import onnx
+    import onnxruntime as ort
+
+    x = correlated(64, 96, seed=5).reshape(8, 8, 96)
+    compiled = qpass.compile(mlp(), preset="w4a16-squeezellm", calibration={"x": x},
+                             progress=False)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(compiled.to_bytes(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert "GatherElements" not in ops and "Cast" not in ops
+    assert ops.count("MatMul") == 3 and ops.count("ScatterElements") == 2
