@@ -104,7 +104,8 @@ def _restart_empty(v: np.ndarray, w: np.ndarray, table: np.ndarray, empty: np.nd
 @dataclasses.dataclass
 class LookupWeight:
     """A weight W [K, N] as table[index[k, n], n] (dense: `index` [K, N] in 0..L-1, `table`
-    [L, N] float32) plus a sparse part: W[rows[i], cols[i]] += values[i]."""
+    [L, N] float32 holding float16 values, unless out of float16's range) plus a sparse part:
+    W[rows[i], cols[i]] += values[i]."""
 
     index: np.ndarray
     table: np.ndarray
@@ -146,7 +147,10 @@ def squeeze(
     if count:
         sparse.flat[np.argpartition(-np.abs(w).ravel(), count - 1)[:count]] = True
     table, index = weighted_kmeans(w.T, np.where(sparse, 0.0, f).T, 2**bits)
-    lookup = LookupWeight(index.T.astype(np.uint8), table.T.astype(np.float32), *_empty_sparse())
+    table = table.T.astype(np.float32)
+    if np.abs(table).max() < np.finfo(np.float16).max:  # stored in float16: round it here
+        table = table.astype(np.float16).astype(np.float32)
+    lookup = LookupWeight(index.T.astype(np.uint8), table, *_empty_sparse())
     error = np.where(sparse, 0.0, f * (w - lookup.dense()) ** 2)
     count = round(sensitive * w.size)
     if count:
@@ -206,20 +210,25 @@ def _empty_sparse() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def replace_with_lookup(graph: ir.Graph, matmul: ir.Node, lookup: LookupWeight) -> None:
-    """MatMul(x, W)  ==>  MatMul(x, GatherElements(table, Cast(index, int64), axis=0)) and, when
-    the sparse part is not empty, ScatterElements(y, cols, Gather(x, rows, axis=-1) * values,
-    axis=-1, reduction=add) after it."""
+    """MatMul(x, W)  ==>  MatMul(x, GatherElements(Cast(table, float), Cast(index, int64),
+    axis=0)) and, when the sparse part is not empty, ScatterElements(y, Cast(cols),
+    Gather(x, Cast(rows), axis=-1) * values, axis=-1, reduction=add) after it. The index is
+    UINT4, the table float16, the sparse positions uint16 (int32 past 65535 channels): the
+    Casts of constants are folded when the session starts."""
     old = matmul.inputs[1]
     base = matmul.name or old.name or "weight"
     index = initializer(graph, f"{base}.weight_index", lookup.index.astype(ml_dtypes.uint4))
-    table = initializer(graph, f"{base}.weight_table", lookup.table)
+    half = lookup.table.astype(np.float16)
+    exact = np.array_equal(half.astype(np.float32), lookup.table)
+    table = initializer(graph, f"{base}.weight_table", half if exact else lookup.table)
     cast = ir.node("Cast", [index], {"to": ir.DataType.INT64}, name=f"{base}.index_cast")
-    gather = ir.node("GatherElements", [table, cast.outputs[0]], {"axis": 0},
+    widen = ir.node("Cast", [table], {"to": ir.DataType.FLOAT}, name=f"{base}.table_cast")
+    gather = ir.node("GatherElements", [widen.outputs[0], cast.outputs[0]], {"axis": 0},
                      name=f"{base}.weight_lookup")
     gather.outputs[0].name = f"{base}.weight_dequantized"
     gather.outputs[0].dtype = ir.DataType.FLOAT
     gather.outputs[0].shape = ir.Shape(lookup.index.shape)
-    graph.insert_before(matmul, [cast, gather])
+    graph.insert_before(matmul, [cast, widen, gather])
     matmul.replace_input_with(1, gather.outputs[0])
     if old.is_initializer() and not old.uses() and not old.is_graph_output():
         graph.initializers.pop(old.name)
@@ -230,8 +239,14 @@ def replace_with_lookup(graph: ir.Graph, matmul: ir.Node, lookup: LookupWeight) 
 def _add_sparse(graph: ir.Graph, matmul: ir.Node, lookup: LookupWeight, base: str) -> None:
     y = matmul.outputs[0]
     uses = list(y.uses())
-    rows = initializer(graph, f"{base}.sparse_rows", lookup.rows)
-    cols = initializer(graph, f"{base}.sparse_cols", lookup.cols)
+    small = max(lookup.index.shape) <= np.iinfo(np.uint16).max
+    positions = []
+    for name in ("rows", "cols"):
+        stored = initializer(graph, f"{base}.sparse_{name}",
+                             getattr(lookup, name).astype(np.uint16 if small else np.int32))
+        positions.append(ir.node("Cast", [stored], {"to": ir.DataType.INT64},
+                                 name=f"{base}.sparse_{name}_cast"))
+    rows, cols = (node.outputs[0] for node in positions)
     values = initializer(graph, f"{base}.sparse_values", lookup.values)
     picked = ir.node("Gather", [matmul.inputs[0], rows], {"axis": -1}, name=f"{base}.sparse_x")
     products = ir.node("Mul", [picked.outputs[0], values], name=f"{base}.sparse_mul")
@@ -242,7 +257,7 @@ def _add_sparse(graph: ir.Graph, matmul: ir.Node, lookup: LookupWeight, base: st
         {"axis": -1, "reduction": "add"}, name=f"{base}.sparse_add",
     )
     scatter.outputs[0].dtype, scatter.outputs[0].shape = y.dtype, y.shape
-    graph.insert_after(matmul, [picked, products, shape, where, scatter])
+    graph.insert_after(matmul, [*positions, picked, products, shape, where, scatter])
     for use in uses:
         use.node.replace_input_with(use.idx, scatter.outputs[0])
     if y.is_graph_output():
@@ -270,13 +285,13 @@ class SqueezeLLM(StagedWeightPass):
     3. W = D + S (`squeeze`): the `outliers` fraction of W's values of largest magnitude and the
        `sensitive` fraction with the largest weighted error go to the sparse part S (the paper's
        best: 0.40% + 0.05%); each column of D gets 2^bits levels by k-means weighted by h.
-    4. MatMul(x, W)  ==>  MatMul(x, GatherElements(table [L, N], Cast(index [K, N] uint4,
-       int64), axis 0)), then, if S is not empty, y  ==>  ScatterElements(y, cols,
-       Gather(x, rows, axis=-1) * values, axis=-1, reduction=add) (`replace_with_lookup`).
-       3-bit indices are stored in UINT4 (ONNX has no 3-bit type). ONNX Runtime has no
-       lookup-table MatMul kernel: it folds the constant lookup into a float weight when the
-       session starts, so the file is small and the run is as fast (and as large in memory) as
-       the float model's.
+    4. MatMul(x, W)  ==>  MatMul(x, GatherElements(table [L, N] float16 as float, index
+       [K, N] UINT4 as int64, axis 0)), then, if S is not empty, y  ==>  ScatterElements(y,
+       cols, Gather(x, rows, axis=-1) * values, axis=-1, reduction=add), positions in uint16
+       (`replace_with_lookup`). 3-bit indices are stored in UINT4 (ONNX has no 3-bit type).
+       ONNX Runtime has no lookup-table MatMul kernel: it folds the constant lookup into a
+       float weight when the session starts, so the file is small and the run is as fast (and
+       as large in memory) as the float model's.
     5. With `compensate` (not in the paper), W is rounded onto the fitted tables once more in
        GPTQ's order with its error feedback from the full H (`compensate`).
     6. The final projection stays in float unless `lm_head=True`.
