@@ -151,7 +151,8 @@ def test_squeezellm_on_a_captured_llama_beats_rtn_at_3_bits():
         compiled = qpass.compile(model, preset=preset, calibration=calibration, bits=3,
                                  progress=False, **options)
         errors[preset] = float(np.mean((compiled.run(feed)[0] - float_y) ** 2))
-    assert len(lookups(compiled.model)) == 0
+        if preset == "w4a16-squeezellm":  # every linear layer of both blocks, lm_head float
+            assert len(lookups(compiled.model)) == 14
     assert errors["w4a16-squeezellm"] < errors["w4a16-rtn"]
 
 
