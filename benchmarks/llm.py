@@ -7,8 +7,10 @@ windows (no BOS added; each window predicts its tokens 2..512), calibration on w
 valid.txt, never test. Rows: FP32; qpass RTN at group 128 and 32, GPTQ (also in index order and
 with plain, not token-normalized, statistics), AWQ and GPTQ with a rank-8 LoRC branch at group
 128 (uint4 with zero points, lm_head and embeddings in float), RTN and GPTQ with an 8-bit
-lm_head and RTN with a 4-bit one (`--lm-head`), and RTN with the tied table quantized once for
-the lookup and the head (`--lm-head shared-int8`, `shared-int4`); ONNX Runtime's
+lm_head and RTN with a 4-bit one (`--lm-head`), RTN with the tied table quantized once for
+the lookup and the head (`--lm-head shared-int8`, `shared-int4`); GPTQ at 3 bits (`--bits 3`)
+and SqueezeLLM at 4 and 3 bits (dense+sparse, dense-only, with GPTQ's error feedback:
+`--compensate`); ggml's q8_0 and Q4_K_M (with and without the importance matrix); ONNX Runtime's
 MatMulNBitsQuantizer (its default: RTN, asymmetric) at group 128 and 32 with lm_head excluded
 likewise, and its GPTQ (`gptq_quantize`, which its GPTQ config calls; lm_head marked "fp32"):
 at group 128 it fails on SmolLM2 (K = 576: 5 groups per column, whose packed zero points it
@@ -70,6 +72,13 @@ ROWS = {
     "qpass q8_0": ("qpass-q8_0", None, None),
     "qpass Q4_K_M": ("qpass-q4_k_m", None, None),
     "qpass Q4_K_M imatrix": ("qpass-q4_k_m-imatrix", None, None),
+    "qpass GPTQ g128 3-bit": ("qpass-gptq-3bit", 128, "matmulnbits"),
+    "qpass SqueezeLLM 4-bit": ("qpass-squeezellm", None, None),
+    "qpass SqueezeLLM 4-bit dense-only": ("qpass-squeezellm-dense", None, None),
+    "qpass SqueezeLLM 3-bit": ("qpass-squeezellm-3bit", None, None),
+    "qpass SqueezeLLM 3-bit dense-only": ("qpass-squeezellm-3bit-dense", None, None),
+    "qpass SqueezeLLM 4-bit compensated": ("qpass-squeezellm-compensated", None, None),
+    "qpass SqueezeLLM 3-bit compensated": ("qpass-squeezellm-3bit-compensated", None, None),
     "ORT RTN g128": ("ort-rtn", 128, None),
     "ORT RTN g32": ("ort-rtn", 32, None),
     "ORT GPTQ g128": ("ort-gptq", 128, None),
@@ -89,7 +98,17 @@ QPASS_TOOLS = {
     "qpass-awq": ("w4a16-awq",),
     "qpass-gptq-lorc": ("w4a16-gptq", "--lorc-rank", str(LORC_RANK)),
     "qpass-gptq-lm-head-int8": ("w4a16-gptq", "--lm-head", "int8"),
+    "qpass-gptq-3bit": ("w4a16-gptq", "--bits", "3"),
+    "qpass-squeezellm": ("w4a16-squeezellm",),
+    "qpass-squeezellm-dense": ("w4a16-squeezellm", "--outliers", "0", "--sensitive", "0"),
+    "qpass-squeezellm-3bit": ("w4a16-squeezellm", "--bits", "3"),
+    "qpass-squeezellm-3bit-dense": ("w4a16-squeezellm", "--bits", "3", "--outliers", "0",
+                                    "--sensitive", "0"),
+    "qpass-squeezellm-compensated": ("w4a16-squeezellm", "--compensate"),
+    "qpass-squeezellm-3bit-compensated": ("w4a16-squeezellm", "--bits", "3", "--compensate"),
 }
+LATENCY_TOOLS = ("qpass-rtn", "ort-rtn", "qpass-squeezellm")  # and their variants
+LATENCY_GPTQ = ("qpass-gptq", "qpass-gptq-3bit")
 
 # ggml tools -> (preset, with the calibration set: the importance matrix); compiled through the
 # Python API, which also writes the GGUF export beside the ONNX model (CompiledModel.save_gguf)
@@ -236,11 +255,13 @@ def worker(tool: str, group: str, fmt: str, model: str, calib: str, out: str) ->
     elif tool in GGML_TOOLS:
         rc = ggml_worker(tool, model, calib, out)
     else:
-        from qpass import cli
+        from qpass import cli, presets
 
         preset, *extra = QPASS_TOOLS[tool]
+        if presets.get(preset).option("group_size"):  # SqueezeLLM's tables have no groups
+            extra = ["--group-size", group, "--format", fmt, *extra]
         rc = cli.main(["compile", model, "-o", out, "--preset", preset, "--calib", calib,
-                       "--group-size", group, "--format", fmt, "--batch-size", "4", "-q", *extra])
+                       "--batch-size", "4", "-q", *extra])
     wall = time.perf_counter() - start
     print(json.dumps({"compile_s": wall, "peak_rss_mb": peak_rss_mb(), "rc": rc}))
     return rc
@@ -438,7 +459,7 @@ def run(args, work: Path) -> list[dict]:
             loaded["ppl_vs_onnx"] = loaded["ppl"] / row["ppl"] - 1
             log(f"{loaded['row']}: ppl {loaded['ppl']:.3f} ({loaded['ppl_vs_onnx']:+.3%} vs ONNX)")
             rows.append(loaded)
-        if group == 128 and tool.startswith(("qpass-rtn", "ort-rtn")):
+        if group in (128, None) and (tool.startswith(LATENCY_TOOLS) or tool in LATENCY_GPTQ):
             latency_paths[label] = path
     by_label = {r["row"]: r for r in rows}
     if "qpass RTN g128" in latency_paths:  # the same weights in the DequantizeLinear form

@@ -68,3 +68,7 @@ scheme rounds into (e.g. "-127 127" for symmetric int8, "-4 3" for int3 stored a
 SOURCE_FLOAT_TYPE = "qpass.source_float_type"
 """`model.meta`: "float16" or "bfloat16" when the captured model computed in that type
 (ComputeInFloat32 turned it into float32 inside); absent for float32 models."""
+
+SQUEEZELLM_SENSITIVITY = "qpass.squeezellm.sensitivity"
+"""`model.metadata_props` of a model SqueezeLLM quantized: the sensitivity that weighted its
+k-means (the inputs' second moment diag(E[x xᵀ]), or the Fisher information)."""

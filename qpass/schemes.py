@@ -55,7 +55,8 @@ class QuantScheme:
         per_channel: one scale per slice along the tensor's channel axis (weights), else one scale.
         symmetric: zero point fixed at 0 (the middle of the range for unsigned types); 8-bit
             signed types then use the restricted range [-127, 127]; 4-bit types keep all 16
-            levels, scale = max|w| / 7.5 (the GPTQ convention: [-8, 7], or [0, 15] around 8).
+            levels, scale = max|w| / 7.5 (the GPTQ convention: [-8, 7], or [0, 15] around 8;
+            3-bit types likewise: max|w| / 3.5, [-4, 3] or [0, 7] around 4).
         method: how the range is chosen from calibration statistics.
         percentile: the percentile kept by method="percentile".
         group_size: weights only: one scale (and zero point) per block of `group_size`

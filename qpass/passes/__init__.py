@@ -33,6 +33,7 @@ from qpass.passes.quantize_tied_embeddings import QuantizeTiedEmbeddings
 from qpass.passes.rtn import RoundToNearest
 from qpass.passes.sensitivity import KeepSensitiveFloat
 from qpass.passes.smoothquant import SmoothQuant
+from qpass.passes.squeezellm import SqueezeLLM
 
 __all__ = [
     "AWQ",
@@ -68,4 +69,5 @@ __all__ = [
     "QuantizeTiedEmbeddings",
     "RoundToNearest",
     "SmoothQuant",
+    "SqueezeLLM",
 ]

@@ -118,7 +118,7 @@ def replace_weight(
         initializer(graph, f"{base}.weight_q", q),
         initializer(graph, f"{base}.weight_scale", scale.astype(np.float32)),
     ]
-    if not (scheme.symmetric and scheme.dtype == "int4"):  # int4 symmetric: zero point 0
+    if not (scheme.symmetric and scheme.dtype in ("int4", "int3")):  # zero point 0
         inputs.append(initializer(graph, f"{base}.weight_zero_point", zero))
     dq = ir.node(
         "DequantizeLinear", inputs, {"axis": 0, "block_size": g}, name=f"{base}.weight_dq"

@@ -1,4 +1,5 @@
-"""Weight-only 4-bit presets for decoder LLMs (W4A16): w4a16-rtn, w4a16-gptq, w4a16-awq."""
+"""Weight-only 4-bit presets for decoder LLMs (W4A16): w4a16-rtn, w4a16-gptq, w4a16-awq
+(`--bits 3`: a 3-bit grid in the same 4-bit containers)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ TARGETS = ("onnxruntime", "tensorrt")
 FORMAT = Option("format", str, "blockwise DequantizeLinear -> MatMul (dq), ONNX Runtime's "
                 "MatMulNBits, or qpass's INT4 GEMM TensorRT plugin node (plugin)", "dq",
                 choices=("dq", "matmulnbits", "plugin"))
+BITS = Option("bits", int, "weight bits: 4, or 3 (a 3-bit grid stored in the same 4-bit "
+              "containers: ONNX has no 3-bit type and MatMulNBits takes 2, 4 or 8 bits)", 4,
+              choices=(3, 4))
 COMMON = (
+    BITS,
     Option("group_size", int, "input channels per weight scale", 128, minimum=1),
     FORMAT,
     Option("symmetric", bool, "int4 weights, no zero point (TensorRT is symmetric only)",
@@ -48,16 +53,18 @@ STAGED = (
 )
 
 
-def _scheme(group_size: int, symmetric: bool) -> QuantScheme:
-    """4-bit weights: int4 around 0 when symmetric, else uint4 with a zero point per group."""
+def _scheme(bits: int, group_size: int, symmetric: bool) -> QuantScheme:
+    """b-bit weights: int4/int3 around 0 when symmetric, else uint4/uint3 with a zero point per
+    group."""
     return QuantScheme(
-        dtype="int4" if symmetric else "uint4", symmetric=symmetric, group_size=group_size
+        dtype=f"{'' if symmetric else 'u'}int{bits}", symmetric=symmetric, group_size=group_size
     )
 
 
 def _pipeline(
     target: Target,
     quantize: Callable[[QuantScheme, bool], ir.passes.PassBase],
+    bits: int,
     group_size: int,
     format: str,
     symmetric: bool,
@@ -73,7 +80,7 @@ def _pipeline(
     if lm_head.startswith("shared") and target.family != "onnxruntime":
         raise ValueError(f"--lm-head {lm_head} needs ONNX Runtime's contrib ops "
                          "(GatherBlockQuantized); for TensorRT keep the lm_head float")
-    scheme = _scheme(group_size, symmetric)
+    scheme = _scheme(bits, group_size, symmetric)
     passes = [quantize(scheme, lm_head == "int4")]
     if lorc_rank:
         lorc = LowRankCompensation(lorc_rank)
