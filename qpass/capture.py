@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -14,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from qpass.errors import ModelError, first_line
-from qpass.graph import infer_missing_types, raise_opset
+from qpass.graph import infer_missing_types, quiet, raise_opset
 from qpass.passes.compute_in_float32 import ComputeInFloat32
 
 logger = logging.getLogger(__name__)
@@ -43,10 +42,10 @@ def capture(
     if isinstance(model, ir.Model):
         result = model
     elif isinstance(model, onnx.ModelProto):
-        with _quiet_deserializer():
+        with quiet("onnx_ir.serde"):  # a dangling value: check_graph says it in one line
             result = _own_tensor_data(ir.from_proto(model))
     elif isinstance(model, str | os.PathLike):
-        with _quiet_deserializer():
+        with quiet("onnx_ir.serde"):  # a dangling value: check_graph says it in one line
             result = _own_tensor_data(load_onnx(Path(model)))
     elif _is_torch_module(model):
         axes = (dynamic_axes or (0,)) if dynamic_batch else ()
@@ -80,19 +79,6 @@ def load_onnx(path: Path) -> ir.Model:
     if len(model.graph) == 0:
         raise ModelError(f"{path} is not a usable ONNX model: its graph has no nodes")
     return model
-
-
-@contextlib.contextmanager
-def _quiet_deserializer():
-    """onnx-ir warns of a value no node produces while reading; qpass's graph check
-    (`qpass.checks.check_graph`) then refuses the model in one line of its own."""
-    logger = logging.getLogger("onnx_ir.serde")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _own_tensor_data(model: ir.Model) -> ir.Model:

@@ -87,7 +87,8 @@ def infer_missing_types(model: ir.Model) -> None:
     outputs = (v for node in model.graph for v in node.outputs if v is not None)
     if all(v.dtype is not None for v in outputs):
         return
-    ShapeInferencePass(strict_mode=False, data_prop=False)(model)
+    with quiet("onnx_ir.passes.common.shape_inference"):  # on failure the model stays as it is
+        ShapeInferencePass(strict_mode=False, data_prop=False)(model)
 
 
 def raise_opset(model: ir.Model, version: int) -> None:
@@ -152,20 +153,29 @@ def _carry_annotations(old: ir.Graph, new: ir.Graph) -> None:
 
 
 @contextlib.contextmanager
+def quiet(logger_name: str) -> Iterator[None]:
+    """Silence a library's warnings meanwhile (qpass says what matters in its own words)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def tensors_left_out(values: list[ir.Value]) -> Iterator[None]:
     """Take the tensors of initializers `values` out meanwhile, then put them back: `ir.to_proto`
     serializes the model without their data (they keep their names, types and shapes; onnx-ir's
     warning of an initializer without data is silenced)."""
     tensors = [v.const_value for v in values]
-    serde_logger = logging.getLogger("onnx_ir.serde")
-    level = serde_logger.level
     try:
-        serde_logger.setLevel(logging.ERROR)
         for value in values:
             value.const_value = None
-        yield
+        with quiet("onnx_ir.serde"):
+            yield
     finally:
-        serde_logger.setLevel(level)
         for value, tensor in zip(values, tensors, strict=True):
             value.const_value = tensor
 

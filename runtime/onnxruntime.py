@@ -7,7 +7,9 @@ import statistics
 import time
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from qpass.errors import ModelError, first_line
@@ -37,6 +39,20 @@ def use_custom_ops(path: str | os.PathLike) -> None:
         CUSTOM_OP_LIBRARIES.append(path)
 
 
+class Session(ort.InferenceSession):
+    """ONNX Runtime's InferenceSession that also takes bfloat16 arrays (ml_dtypes), which its
+    Python binding cannot convert: they are passed as OrtValues of ONNX type BFLOAT16."""
+
+    def run(self, output_names, input_feed, run_options=None):
+        feed = {
+            name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(array).view(np.uint16), onnx.TensorProto.BFLOAT16)
+            if getattr(array, "dtype", None) == ml_dtypes.bfloat16 else array
+            for name, array in input_feed.items()
+        }
+        return super().run(output_names, feed, run_options)
+
+
 def session(
     model: bytes | str | os.PathLike,
     *,
@@ -44,7 +60,7 @@ def session(
     optimize: bool = True,
     arena: bool = True,
     providers: list[str] | None = None,
-) -> ort.InferenceSession:
+) -> Session:
     """An InferenceSession for a serialized model or a model file.
 
     - `session.qdq_matmulnbits_accuracy_level` is 0: ORT would otherwise turn DQ(int4)->MatMul into
@@ -74,7 +90,7 @@ def session(
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     try:
-        return ort.InferenceSession(
+        return Session(
             model, options, providers=providers or ["CPUExecutionProvider"],
             disabled_optimizers=UNSAFE_OPTIMIZERS,
         )

@@ -6,6 +6,7 @@ normalizations and exp kept in float32."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -153,10 +154,13 @@ def test_float16_scales_match_the_float32_compile():
             np.testing.assert_array_equal(low, array)
 
 
-def test_bfloat16_model_is_computed_in_float32_inside():
+@pytest.mark.parametrize(("preset", "calibrated"), [("w8a8-dynamic", False),
+                                                  ("w8a8-smoothquant", True)])
+def test_bfloat16_model_is_computed_in_float32_inside(preset, calibrated):
     """ONNX Runtime's CPU provider has no bfloat16 kernels for Conv, MatMul, Add, ...: a bfloat16
-    model is quantized and computed in float32 inside, a Cast at its boundary, and loads. (ONNX
-    Runtime's Python API takes no bfloat16 arrays, so a preset without calibration.)"""
+    model is quantized and computed in float32 inside, a Cast at its boundary, and loads; its
+    calibration data, float32 or bfloat16, is fed through OrtValues (ONNX Runtime's Python
+    binding converts no bfloat16 array)."""
     proto = matmul_model()
     for value in [*proto.graph.input, *proto.graph.output]:
         value.type.tensor_type.elem_type = TensorProto.BFLOAT16
@@ -164,7 +168,10 @@ def test_bfloat16_model_is_computed_in_float32_inside():
         array = numpy_helper.to_array(tensor)
         tensor.CopyFrom(helper.make_tensor(tensor.name, TensorProto.BFLOAT16, array.shape,
                                            array.ravel().tolist()))
-    compiled = qpass.compile(proto, preset="w8a8-dynamic", progress=False)
+    name = proto.graph.input[0].name
+    x = np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32)
+    calibration = {name: x.astype(ml_dtypes.bfloat16)} if calibrated else None
+    compiled = qpass.compile(proto, preset=preset, calibration=calibration, progress=False)
     written = onnx.load_from_string(compiled.to_bytes())
     assert scale_types(written) == {TensorProto.FLOAT}
     assert float_initializer_types(written) <= {TensorProto.FLOAT}
