@@ -54,7 +54,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, header, paired_ratio, peak_rss_mb, run_worker, source_digest
+from benchmarks.common import (
+    REPO,
+    header,
+    paired_ratio,
+    peak_rss_mb,
+    run_worker,
+    source_digest,
+    work_folder,
+)
 
 BATCH = 8  # calibration batch size, for ORT and qpass alike
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -543,8 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command, info = header("benchmarks.cnn", argv)
     rows = []
-    with contextlib.ExitStack() as stack:
-        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnn-")))
+    with work_folder(args.work, "cnn-") as work:
         for model in args.models:
             model_rows = bench_model(model, work, args.quick, args.rows)
             rows += model_rows

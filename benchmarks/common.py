@@ -8,6 +8,8 @@ import json
 import shlex
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,15 @@ def header(module: str, argv: list[str] | None) -> tuple[str, dict]:
     print(f"$ {command}")
     print("  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     return command, info
+
+
+@contextlib.contextmanager
+def work_folder(work: Path | None, prefix: str) -> Iterator[Path]:
+    """The folder a run keeps its models in: `work` (created if missing), or a temporary one
+    removed afterwards."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield Path(folder)

@@ -28,17 +28,15 @@ Internal workers (print JSON):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, header, peak_rss_mb, run_worker
+from benchmarks.common import REPO, header, peak_rss_mb, run_worker, work_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -253,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return compile_worker(*args.worker)
 
     command, info = header("benchmarks.large", argv)
-    with contextlib.ExitStack() as stack:
-        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="large-")))
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.work, "large-") as work:
         result = run(args, work)
     print(f"\n== random Llama ({CONFIG['num_hidden_layers']} layers, hidden "
           f"{CONFIG['hidden_size']}, MLP {CONFIG['intermediate_size']}, vocabulary "

@@ -38,13 +38,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, header, paired_ratio, run_worker
+from benchmarks.common import REPO, header, paired_ratio, run_worker, work_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -404,9 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(*args.worker)
 
     command, info = header("benchmarks.llm", argv)
-    with contextlib.ExitStack() as stack:
-        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-")))
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.work, "llm-") as work:
         rows = run(args, work)
     print(f"\n== SmolLM2-135M-Instruct, WikiText-2 test perplexity on the first {args.tokens} "
           f"tokens ({args.tokens // WINDOW} windows of {WINDOW}); calibration: "

@@ -17,15 +17,13 @@ Perplexity on random weights means nothing and is not measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, header, paired_ratio, run_worker
+from benchmarks.common import REPO, header, paired_ratio, run_worker, work_folder
 from benchmarks.llm import WORKER_TIMEOUT_S, capture_llm, log, measure_latency, save_model
 
 ROWS = {  # row label -> benchmarks.llm worker tool (w4a16-rtn with this --lm-head)
@@ -137,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep exported/quantized models here")
     args = parser.parse_args(argv)
     command, _ = header("benchmarks.tied", argv)
-    with contextlib.ExitStack() as stack:
-        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tied-")))
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.work, "tied-") as work:
         rows = run(args, work)
     print(f"\n== random tied Llama, vocabulary {args.vocab}, hidden {args.hidden}, {args.layers} "
           "layers; w4a16-rtn g128, MatMulNBits form; ORT CPU ==")
