@@ -203,15 +203,15 @@ def worker(tool: str, method: str, batch: str, model: str, calib: str, out: str)
         from qpass import cli
 
         # METHOD is a calibrator, a preset, or "PRESET[:SCALE_CONSTRAINT][:option=value...]"
-        preset, *extra = method.split(":")
+        preset, *settings = method.split(":")
         if not preset.startswith(("int8-", "w4a8", "fp8")):
             preset = "int8"
         argv = ["compile", model, "-o", out, "--preset", preset, "--calib", calib, "-q",
                 "--batch-size", batch]
         argv += [] if method.split(":")[0] in ("default", preset) else ["--calibrator", method]
         if preset in ("fp8", "w4a8-fp"):
-            argv += ["--scale-constraint", extra.pop(0) if extra else "float"]
-        for option in extra:  # "float_layers=9" -> --float-layers 9; "correct_bias=false"
+            argv += ["--scale-constraint", settings.pop(0) if settings else "float"]
+        for option in settings:  # "float_layers=9" -> --float-layers 9; "correct_bias=false"
             key, value = option.split("=")
             flag = key.replace("_", "-")
             switch = {"true": [f"--{flag}"], "false": [f"--no-{flag}"]}
